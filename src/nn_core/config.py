@@ -1,0 +1,174 @@
+"""Model configuration (SPEC.md section 1): a frozen, validated dataclass.
+
+Shape legend used across the package:
+    B batch, S sequence, H hidden_dim, nH n_heads, nKV n_kv_heads, D head_dim,
+    Q = nH*D, KV = nKV*D, E n_experts, K top_k_experts, F ffn_dim, V vocab_size,
+    N = B*S tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Config:
+    hidden_dim: int = 64  # H: width of the residual stream
+    n_layers: int = 2  # number of TransformerBlocks
+    n_heads: int = 4  # nH: query heads
+    n_kv_heads: int = 1  # nKV: key/value heads (multi-query when 1)
+    head_dim: int = 16  # D: width of one head; even, RoPE rotates pairs
+    n_experts: int = 4  # E: SwiGLU experts per MoE layer
+    top_k_experts: int = 2  # K: experts each token is routed to
+    ffn_dim: int = 256  # F: hidden width of one expert
+    vocab_size: int = 1000  # V: token ids are in [0, V)
+    max_seq_len: int = 512  # longest sequence the model accepts
+    rope_base: float = 10000.0  # RoPE base before NTK scaling
+    rope_alpha: float = 1.0  # NTK scaling factor; 1 means plain RoPE
+    rms_eps: float = 1e-6  # RMSNorm epsilon
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "n_experts",
+            "top_k_experts",
+            "ffn_dim",
+            "vocab_size",
+            "max_seq_len",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name in ("rope_base", "rope_alpha", "rms_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be finite and > 0, got {value}")
+        if self.rope_base <= 1:
+            raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
+        if self.rope_alpha < 1:
+            raise ConfigError(
+                f"rope_alpha must be >= 1 (1 = no NTK scaling), got {self.rope_alpha}"
+            )
+        if self.top_k_experts > self.n_experts:
+            raise ConfigError(
+                f"top_k_experts must be in [1, n_experts={self.n_experts}], "
+                f"got {self.top_k_experts}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.rope_alpha > 1 and self.head_dim < 4:
+            raise ConfigError(
+                f"head_dim must be >= 4 when rope_alpha > 1 (NTK divides by head_dim - 2), "
+                f"got {self.head_dim}"
+            )
+
+    # ---- presets (SPEC.md section 1) -------------------------------------------------
+    @classmethod
+    def tiny(cls) -> Config:
+        """Tests and benchmarks: about 0.54M parameters."""
+        return cls()
+
+    @classmethod
+    def small(cls) -> Config:
+        """The benchmark's scale axis: about 7.1M parameters."""
+        return cls(hidden_dim=256, head_dim=64, ffn_dim=1024)
+
+    @classmethod
+    def default_6_9b(cls) -> Config:
+        """The reference size: about 6.9B total, 1.8B active. Never allocate it."""
+        return cls(
+            hidden_dim=768,
+            n_layers=30,
+            n_heads=12,
+            n_kv_heads=1,
+            head_dim=64,
+            n_experts=16,
+            top_k_experts=4,
+            ffn_dim=6144,
+            vocab_size=32000,
+            max_seq_len=32768,
+            rope_base=10000.0,
+            rope_alpha=8.0,
+        )
+
+    PRESETS = ("tiny", "small", "default_6_9b")
+
+    @classmethod
+    def preset(cls, name: str) -> Config:
+        if name not in cls.PRESETS:
+            raise ConfigError(
+                f"config preset must be one of {', '.join(cls.PRESETS)}, got {name!r}"
+            )
+        return getattr(cls, name)()
+
+    # ---- serialization -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from a mapping; unknown keys are an error, missing keys take defaults."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> Config:
+        return self.from_dict({**self.to_dict(), **changes})
+
+    # ---- derived sizes ----------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        """Q = nH * D."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """KV = nKV * D."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def rope_theta(self) -> float:
+        """NTK-aware RoPE: base' = base * alpha^(D / (D - 2)) when alpha > 1."""
+        if self.rope_alpha == 1:
+            return float(self.rope_base)
+        d = self.head_dim
+        return float(self.rope_base * self.rope_alpha ** (d / (d - 2)))
+
+    def _layer_params(self, experts: int) -> int:
+        h = self.hidden_dim
+        attn = 2 * h * self.q_dim + 2 * h * self.kv_dim  # Wq, Wo; Wk, Wv
+        router = h * self.n_experts
+        ffn = experts * 3 * h * self.ffn_dim  # gate, up, down per expert
+        norms = 2 * h
+        return attn + router + ffn + norms
+
+    def total_params(self) -> int:
+        """Every parameter: embedding, layers with all experts, final norm, LM head."""
+        h, v = self.hidden_dim, self.vocab_size
+        return 2 * v * h + h + self.n_layers * self._layer_params(self.n_experts)
+
+    def active_params(self) -> int:
+        """Parameters one token touches: as total, with top_k experts per layer."""
+        h, v = self.hidden_dim, self.vocab_size
+        return 2 * v * h + h + self.n_layers * self._layer_params(self.top_k_experts)

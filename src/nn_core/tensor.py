@@ -1,0 +1,73 @@
+"""Array helpers shared by every layer: softmax, SiLU, seeded initialization.
+
+Everything here keeps the dtype it is given (float32 stays float32): Python
+float constants do not upcast under NumPy's promotion rules (NEP 50).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_dtype(dtype: object) -> np.dtype:
+    """The model computes in float32 (default) or float64 (for gradient checks)."""
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+    if dt not in SUPPORTED_DTYPES:
+        raise ConfigError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Softmax: p_i = exp(x_i - max x) / sum_j exp(x_j - max x).
+
+    A row that is entirely -inf gives zeros, not NaN (SPEC.md section 2).
+    """
+    m = np.max(x, axis=axis, keepdims=True)
+    m[~np.isfinite(m)] = 0  # an all -inf row: exp(-inf - 0) = 0, no NaN from inf - inf
+    e = np.exp(x - m)
+    s = np.sum(e, axis=axis, keepdims=True)
+    s[s == 0] = 1
+    e /= s
+    return e
+
+
+def softmax_backward(dp: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Softmax backward: dz = p . (dp - sum_j p_j dp_j)."""
+    return p * (dp - np.sum(p * dp, axis=axis, keepdims=True))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """sigma(x) = 1 / (1 + exp(-x)), without overflow warnings for very negative x."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-x)
+    e += 1
+    return np.reciprocal(e, out=e)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """SiLU: silu(x) = x / (1 + exp(-x)) = x sigma(x)."""
+    return x * sigmoid(x)
+
+
+def silu_grad(x: np.ndarray) -> np.ndarray:
+    """SiLU derivative: s'(x) = sigma(x) (1 + x (1 - sigma(x)))."""
+    sig = sigmoid(x)
+    return sig * (1 + x * (1 - sig))
+
+
+def kaiming_normal(
+    rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, dtype: np.dtype
+) -> np.ndarray:
+    """Kaiming/He init: normal with std = sqrt(2 / fan_in).
+
+    Drawn in float64 and then cast, so a float32 and a float64 model built from
+    the same seed hold the same weights up to rounding.
+    """
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
