@@ -1,0 +1,246 @@
+"""Token sampling (SPEC.md section 4): greedy, temperature, top-k and top-p (nucleus).
+
+As in llama2.c's ``run.c``: a few small pure functions on rows of logits
+(``sample_argmax``, ``softmax64``, ``sample_mult``, ``top_k_mask``, ``top_p_mask``)
+behind one dispatcher, ``SamplingStrategy.pick_tokens``. Each strategy is a frozen
+dataclass that rejects bad parameters on construction (ConfigError).
+
+Randomness and reproducibility:
+- Every draw comes from the ``np.random.Generator`` passed in; there is no global state.
+- A stochastic strategy draws exactly ONE uniform per row, in row order
+  (``rng.random(B)``), and turns it into a token by inverse CDF over the row's
+  probabilities. So ``pick_tokens`` on a batch returns the same tokens as
+  ``pick_token`` row by row with a generator in the same state.
+- Temperature 0 means greedy (argmax, lowest id on ties) and draws nothing.
+- Probabilities are computed in float64, with the row max subtracted before scaling.
+
+Logits may contain -inf (masked tokens); NaN, +inf or a row that is entirely -inf
+raise InputError.
+
+Shape legend: B batch rows, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .errors import ConfigError, InputError
+
+STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p")
+
+
+# ---- small pure functions on [B, V] float64 logits -------------------------------------
+
+
+def check_logits(logits: ArrayLike, ndim: int) -> NDArray[np.float64]:
+    """Validate logits ([V] when ndim=1, [B, V] when ndim=2) and return them as float64."""
+    arr = np.asarray(logits)
+    want = "[V]" if ndim == 1 else "[B, V]"
+    if arr.ndim != ndim:
+        raise InputError(f"logits must be {ndim}-D {want}, got shape {arr.shape}")
+    if arr.size == 0:
+        raise InputError(f"logits must be non-empty {want}, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"logits must be a real-valued array, got dtype {arr.dtype}")
+    x = arr.astype(np.float64, copy=False)  # [B, V] or [V]
+    if np.isnan(x).any():
+        raise InputError("logits contain NaN; cannot sample from them")
+    if np.isposinf(x).any():
+        raise InputError("logits contain +inf; cannot sample from them")
+    if np.isneginf(x).all(axis=-1).any():
+        raise InputError("a logits row is entirely -inf: no token has nonzero probability")
+    return x
+
+
+def sample_argmax(logits: NDArray[np.float64]) -> NDArray[np.int64]:
+    """Greedy: [B, V] -> [B], the highest logit (lowest id on ties)."""
+    return np.argmax(logits, axis=-1).astype(np.int64)
+
+
+def softmax64(logits: NDArray[np.float64], temperature: float) -> NDArray[np.float64]:
+    """[B, V] -> [B, V] float64 probabilities of logits / temperature (temperature > 0)."""
+    # Softmax: p_i = exp((x_i - max x) / t) / sum_j exp((x_j - max x) / t)
+    z = (logits - logits.max(axis=-1, keepdims=True)) / temperature  # [B, V], max is 0
+    e = np.exp(z)  # [B, V]; -inf -> 0
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sample_mult(probs: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+    """Inverse CDF: [B, V] weights (need not sum to 1), [B] uniforms in [0, 1) -> [B] ids.
+
+    Row b picks the first id whose cumulative weight exceeds u[b] * total weight.
+    """
+    cdf = np.cumsum(probs, axis=-1)  # [B, V]
+    target = u * cdf[:, -1]  # [B]
+    idx = np.count_nonzero(cdf <= target[:, None], axis=-1)  # [B] = searchsorted(.., 'right')
+    # u * total may round up to total: fall back to the last id with nonzero weight
+    last = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # [B]
+    return np.minimum(idx, last).astype(np.int64)
+
+
+def top_k_mask(logits: NDArray[np.float64], k: int) -> NDArray[np.bool_]:
+    """[B, V] -> [B, V] bool, True for the k highest logits of each row (k clamped to V).
+
+    Ties at the boundary go to the lower id (stable sort), so k=1 agrees with argmax.
+    """
+    k = min(k, logits.shape[-1])
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [B, k] ids, best first
+    keep = np.zeros(logits.shape, dtype=np.bool_)  # [B, V]
+    np.put_along_axis(keep, order, True, axis=-1)
+    return keep
+
+
+def top_p_mask(probs: NDArray[np.float64], p: float) -> NDArray[np.bool_]:
+    """[B, V] -> [B, V] bool: the nucleus, the smallest set of most-probable ids whose
+    probability reaches p (the most probable id is always kept; p = 1 keeps all)."""
+    if p >= 1.0:
+        return np.ones(probs.shape, dtype=np.bool_)
+    order = np.argsort(-probs, axis=-1, kind="stable")  # [B, V] ids, most probable first
+    sorted_p = np.take_along_axis(probs, order, axis=-1)  # [B, V]
+    mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p  # [B, V] mass strictly ahead
+    keep = np.empty(probs.shape, dtype=np.bool_)  # [B, V]
+    np.put_along_axis(keep, order, mass_before < p, axis=-1)
+    return keep
+
+
+# ---- parameter checks ------------------------------------------------------------------
+
+
+def _check_temperature(temperature: Any) -> None:
+    ok = isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(
+        temperature, bool
+    )
+    if not ok or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+        )
+
+
+# ---- strategies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingStrategy:
+    """Turns logits into token ids. Subclasses define ``is_greedy`` and ``_sample``."""
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when picks are the argmax and no random number is drawn."""
+        return True
+
+    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+        raise NotImplementedError  # pragma: no cover
+
+    def pick_tokens(
+        self, logits: ArrayLike, rng: np.random.Generator | None = None
+    ) -> NDArray[np.int64]:
+        """Logits [B, V] -> token ids int64 [B]. Draws one uniform per row (row order)."""
+        x = check_logits(logits, ndim=2)  # [B, V] float64
+        if self.is_greedy:
+            return sample_argmax(x)
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"{self!r} needs an explicit np.random.Generator, got {rng!r}")
+        u = rng.random((x.shape[0],))  # [B], one uniform per row, in row order
+        return self._sample(x, u)
+
+    def pick_token(self, logits: ArrayLike, rng: np.random.Generator | None = None) -> int:
+        """Logits [V] -> one token id. Same result as row b of ``pick_tokens``."""
+        x = check_logits(logits, ndim=1)  # [V]
+        return int(self.pick_tokens(x[None, :], rng)[0])
+
+
+@dataclass(frozen=True)
+class Greedy(SamplingStrategy):
+    """Always the most likely token (argmax; lowest id on ties)."""
+
+
+@dataclass(frozen=True)
+class Temperature(SamplingStrategy):
+    """Sample from softmax(logits / temperature); temperature 0 is greedy."""
+
+    temperature: float = 1.0  # >= 0 and finite; 0 = greedy
+
+    def __post_init__(self) -> None:
+        _check_temperature(self.temperature)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+        return sample_mult(softmax64(logits, self.temperature), u)
+
+
+@dataclass(frozen=True)
+class TopK(SamplingStrategy):
+    """Sample among the k highest logits (k > vocab_size is clamped to vocab_size)."""
+
+    k: int = 40  # >= 1
+    temperature: float = 1.0  # >= 0 and finite; 0 = greedy
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ConfigError(
+                f"k (top_k) must be an int >= 1 (values above vocab_size are clamped), "
+                f"got {self.k!r}"
+            )
+        _check_temperature(self.temperature)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+        kept = np.where(top_k_mask(logits, int(self.k)), logits, -np.inf)  # [B, V]
+        return sample_mult(softmax64(kept, self.temperature), u)
+
+
+@dataclass(frozen=True)
+class TopP(SamplingStrategy):
+    """Nucleus sampling: sample among the most probable tokens holding mass p."""
+
+    p: float = 0.9  # in (0, 1]; 1 keeps every token
+    temperature: float = 1.0  # >= 0 and finite; 0 = greedy
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.p, (int, float, np.integer, np.floating)) and not isinstance(
+            self.p, bool
+        )
+        if not ok or not 0 < self.p <= 1:
+            raise ConfigError(f"p (top_p) must be a number in (0, 1], got {self.p!r}")
+        _check_temperature(self.temperature)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+        probs = softmax64(logits, self.temperature)  # [B, V]
+        return sample_mult(np.where(top_p_mask(probs, float(self.p)), probs, 0.0), u)
+
+
+def make_strategy(
+    name: str, *, temperature: float = 1.0, top_k: int = 40, top_p: float = 0.9
+) -> SamplingStrategy:
+    """Build a strategy by name (for the CLI): greedy, temperature (alias sample), top_k, top_p.
+
+    Hyphens are accepted for underscores ("top-k"). Parameters a strategy does not use
+    are ignored; the ones it uses are validated (ConfigError).
+    """
+    key = name.strip().lower().replace("-", "_")
+    if key == "greedy":
+        return Greedy()
+    if key in ("temperature", "sample"):
+        return Temperature(temperature)
+    if key == "top_k":
+        return TopK(top_k, temperature)
+    if key == "top_p":
+        return TopP(top_p, temperature)
+    raise ConfigError(
+        f"strategy must be one of greedy, temperature (alias sample), top_k, top_p; got {name!r}"
+    )
