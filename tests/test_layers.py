@@ -11,6 +11,9 @@ from nn_core.attention import (
     attention_backward,
     attention_forward,
     build_rope,
+    pair_swap,
+    rope_tables,
+    rope_unrotate,
     ntk_rope_base,
     rope_rotate,
 )
@@ -195,10 +198,11 @@ def rope_reference(x, positions, theta):
 
 def test_rope_matches_formula_preserves_norms_and_is_relative(rng):
     d, n = 8, 40
-    rope = build_rope(10000.0, d, n, np.float64)
+    cos, sin = rope_tables(10000.0, d, n)
+    swap = pair_swap(d, np.float64)
     x = rng.standard_normal((2, 5, 3, d))  # [B, S, heads, D]
     pos = np.arange(7, 12)
-    rotated = rope_rotate(x, rope.cos[pos, None, :], rope.sin[pos, None, :])
+    rotated = rope_rotate(x, cos[pos, None, :], sin[pos, None, :], swap)
     np.testing.assert_allclose(rotated, rope_reference(x, pos, 10000.0), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(
         np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13
@@ -207,15 +211,20 @@ def test_rope_matches_formula_preserves_norms_and_is_relative(rng):
     q, k = rng.standard_normal(d), rng.standard_normal(d)
 
     def rot(v, t):
-        return rope_rotate(
-            v[None, None, None], rope.cos[t : t + 1, None], rope.sin[t : t + 1, None]
-        )
+        return rope_rotate(v[None, None, None], cos[t : t + 1, None], sin[t : t + 1, None], swap)
 
     dots = [float(np.sum(rot(q, t + 3) * rot(k, t))) for t in (0, 5, 20, 36)]
     np.testing.assert_allclose(dots, dots[0], rtol=1e-12)
-    # the inverse rotation (RoPE's backward) undoes it
-    back = rope_rotate(rotated, rope.cos[pos, None, :], -rope.sin[pos, None, :])
+    # RoPE's backward is the inverse rotation: it undoes the forward, and is its transpose
+    back = rope_unrotate(rotated, cos[pos, None, :], sin[pos, None, :], swap)
     np.testing.assert_allclose(back, x, rtol=1e-12, atol=1e-14)
+    r = rng.standard_normal(x.shape)
+    grad = rope_unrotate(r, cos[pos, None, :], sin[pos, None, :], swap)
+
+    def loss():
+        return float(np.sum(rope_rotate(x, cos[pos, None, :], sin[pos, None, :], swap) * r))
+
+    assert check_gradient(loss, x, grad) < TOL
 
 
 def test_ntk_base_formula():
@@ -252,7 +261,7 @@ def attention_reference(x, batch, wq, wk, wv, wo, n_heads, n_kv, theta):
 def test_attention_forward_and_backward(rng, n_heads, n_kv):
     batch, s, h, d = 2, 5, 6, 4
     theta = 500.0
-    rope = build_rope(theta, d, 16, np.float64)
+    rope = build_rope(theta, d, 16, n_heads, n_kv, np.float64)
     x = rng.standard_normal((batch * s, h))
     wqkv = rng.standard_normal(((n_heads + 2 * n_kv) * d, h)) * 0.5
     wo = rng.standard_normal((h, n_heads * d)) * 0.5
@@ -352,7 +361,7 @@ def test_moe_with_an_expert_that_receives_no_tokens(rng):
     w.router[3] = -50.0  # expert 3 is never in the top 2 for these inputs
     x = np.abs(rng.standard_normal((6, 6)))
     out, cache = moe_forward(x, w, 2)
-    assert cache.routing.counts[3] == 0 and cache.experts[3] is None
+    assert cache.routing.counts[3] == 0 and 3 not in [e for e, _, _ in cache.experts.bounds]
     np.testing.assert_allclose(out, moe_reference(x, w, 2), rtol=1e-12)
     dw = MoEWeights(*(np.zeros_like(a) for a in w))
     moe_backward(np.ones_like(out), cache, w, dw, 0.0)
@@ -374,7 +383,7 @@ def test_block_forward_and_backward(rng):
         vocab_size=10,
         max_seq_len=8,
     )
-    rope = build_rope(cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, np.float64)
+    rope = build_rope(cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, 2, 1, np.float64)
     h, d = cfg.hidden_dim, cfg.head_dim
     w = BlockWeights(
         1 + 0.1 * rng.standard_normal(h),

@@ -79,31 +79,58 @@ def linear_backward(
     return dy @ weight
 
 
-# ---------------------------------------------------------------------------- SwiGLU expert
+# ---------------------------------------------------------------------------- SwiGLU experts
 
 
 class SwiGLUCache(NamedTuple):
-    x: np.ndarray  # [C, H] input rows
+    x: np.ndarray  # [C, H] input rows, grouped by expert
+    bounds: list[tuple[int, int, int]]  # (expert, first row, end row) of each non-empty expert
     g: np.ndarray  # [C, F] G = x Wg^T
     u: np.ndarray  # [C, F] U = x Wu^T
     sig: np.ndarray  # [C, F] sigma(G)
     h: np.ndarray  # [C, F] h = s(G) . U
 
 
+def expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of each expert that received rows; empty ones skipped."""
+    bounds, end = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            bounds.append((e, end, end + c))
+            end += c
+    return bounds
+
+
 def swiglu_forward(
-    x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray
+    x: np.ndarray,
+    w_gate: np.ndarray,
+    w_up: np.ndarray,
+    w_down: np.ndarray,
+    counts: list[int] | None = None,
 ) -> tuple[np.ndarray, SwiGLUCache]:
     """SwiGLU expert: out = Down(SiLU(Gate(x)) * Up(x)).
 
-    x [C, H]; w_gate, w_up [F, H]; w_down [H, F] -> out [C, H].
+    One expert: x [C, H]; w_gate, w_up [F, H]; w_down [H, F] -> out [C, H].
+    Stacked experts: w_gate, w_up [E, F, H]; w_down [E, H, F]; ``counts`` [E] rows of
+    each expert, x grouped by expert. Each expert is one product per weight, and the
+    element-wise SiLU . U runs once over all rows.
     """
-    g = x @ w_gate.T  # [C, F]
-    u = x @ w_up.T  # [C, F]
+    if counts is None:  # a single expert
+        w_gate, w_up, w_down, counts = w_gate[None], w_up[None], w_down[None], [x.shape[0]]
+    bounds = expert_bounds(counts)
+    rows, f = x.shape[0], w_gate.shape[1]
+    g = np.empty((rows, f), dtype=x.dtype)  # [C, F]
+    u = np.empty((rows, f), dtype=x.dtype)  # [C, F]
+    for e, lo, hi in bounds:
+        np.matmul(x[lo:hi], w_gate[e].T, out=g[lo:hi])  # G = x Wg^T
+        np.matmul(x[lo:hi], w_up[e].T, out=u[lo:hi])  # U = x Wu^T
     sig = sigmoid(g)  # [C, F]
     h = g * sig  # SiLU: silu(G) = G sigma(G)
     h *= u  # h = s(G) . U
-    out = h @ w_down.T  # [C, H]
-    return out, SwiGLUCache(x, g, u, sig, h)
+    out = np.empty_like(x)  # [C, H]
+    for e, lo, hi in bounds:
+        np.matmul(h[lo:hi], w_down[e].T, out=out[lo:hi])  # Down(h)
+    return out, SwiGLUCache(x, bounds, g, u, sig, h)
 
 
 def swiglu_backward(
@@ -116,19 +143,31 @@ def swiglu_backward(
     dw_up: np.ndarray,
     dw_down: np.ndarray,
 ) -> np.ndarray:
-    """SwiGLU backward (SPEC.md section 7):
+    """SwiGLU backward (SPEC.md section 7), per expert for the products:
     dh = dout Wd; dWd += dout^T h; dG = dh . U . s'(G); dU = dh . s(G);
     dx = dG Wg + dU Wu; dWg += dG^T x; dWu += dU^T x,
     with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
     """
-    x, g, u, sig, h = cache
-    dh = dout @ w_down  # [C, F]
-    dw_down += dout.T @ h  # [H, F]
-    silu_g = g * sig  # s(G)
-    du = dh * silu_g  # dU = dh . s(G)
-    dsilu = sig * (1 + g * (1 - sig))  # s'(G)
-    dg = dh * u
-    dg *= dsilu  # dG = dh . U . s'(G)
-    dw_gate += dg.T @ x  # [F, H]
-    dw_up += du.T @ x  # [F, H]
-    return dg @ w_gate + du @ w_up  # [C, H]
+    x, bounds, g, u, sig, h = cache
+    if w_gate.ndim == 2:  # a single expert
+        w_gate, w_up, w_down = w_gate[None], w_up[None], w_down[None]
+        dw_gate, dw_up, dw_down = dw_gate[None], dw_up[None], dw_down[None]
+    dh = np.empty_like(h)  # [C, F]
+    for e, lo, hi in bounds:
+        np.matmul(dout[lo:hi], w_down[e], out=dh[lo:hi])  # dh = dout Wd
+        dw_down[e] += dout[lo:hi].T @ h[lo:hi]  # dWd += dout^T h   [H, F]
+    du = g * sig  # s(G)
+    du *= dh  # dU = dh . s(G)
+    dg = 1 - sig
+    dg *= g
+    dg += 1
+    dg *= sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G)))
+    dg *= u
+    dg *= dh  # dG = dh . U . s'(G)
+    dx = np.empty_like(x)  # [C, H]
+    for e, lo, hi in bounds:
+        dw_gate[e] += dg[lo:hi].T @ x[lo:hi]  # dWg += dG^T x   [F, H]
+        dw_up[e] += du[lo:hi].T @ x[lo:hi]  # dWu += dU^T x   [F, H]
+        np.matmul(dg[lo:hi], w_gate[e], out=dx[lo:hi])  # dx = dG Wg + dU Wu
+        dx[lo:hi] += du[lo:hi] @ w_up[e]
+    return dx

@@ -114,7 +114,14 @@ class MoETransformer:
         for name, shape, fan_in in specs:  # Kaiming/He init, gains 1, in buffer order
             view = self.store.params[name]
             view[...] = 1 if fan_in is None else kaiming_normal(rng, shape, fan_in, self.dtype)
-        self.rope = build_rope(config.rope_theta, config.head_dim, config.max_seq_len, self.dtype)
+        self.rope = build_rope(
+            config.rope_theta,
+            config.head_dim,
+            config.max_seq_len,
+            config.n_heads,
+            config.n_kv_heads,
+            self.dtype,
+        )
         self._w = self._layer_views(self.store.flat, self.store.params)
         self._dw = self._layer_views(self.store.grad, self.store.grads)
 

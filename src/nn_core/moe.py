@@ -44,10 +44,14 @@ def router_forward(x: np.ndarray, w_router: np.ndarray, top_k: int) -> Routing:
     probability; renormalize the kept probabilities to sum to 1.
 
     x [N, H]; w_router [E, H]. Ties go to the lower expert index (stable sort).
+    Computed with experts along rows ([E, N]): the reductions over E then run
+    across whole rows instead of along rows of length E.
     """
-    probs = softmax(x @ w_router.T)  # [N, E]
-    top_idx = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # [N, K]
-    kept = np.take_along_axis(probs, top_idx, axis=1)  # [N, K]
+    n = x.shape[0]
+    probs_t = softmax(w_router @ x.T, axis=0)  # [E, N]
+    top_idx = np.argsort(-probs_t, axis=0, kind="stable")[:top_k].T  # [N, K]
+    probs = probs_t.T  # [N, E]
+    kept = probs[np.arange(n)[:, None], top_idx]  # [N, K]
     kept_sum = kept.sum(axis=1, keepdims=True)  # S   [N, 1]
     weights = kept / kept_sum  # renormalized top-k: w_k = p_k / S
     flat_idx = top_idx.reshape(-1)  # [N*K] expert of each (token, slot)
@@ -109,31 +113,21 @@ class MoECache(NamedTuple):
     x: np.ndarray  # [N, H] normalized input
     routing: Routing
     y: np.ndarray  # [N, K, H] expert outputs per (token, slot)
-    experts: list[SwiGLUCache | None]  # per expert (None: no rows routed to it)
+    experts: SwiGLUCache  # all experts' activations, rows grouped by expert
 
 
 def moe_forward(x: np.ndarray, w: MoEWeights, top_k: int) -> tuple[np.ndarray, MoECache]:
     """MoE combine: out = sum over kept k of w_k * Expert_k(x).   x [N, H] -> [N, H]."""
     n, hidden = x.shape
     routing = router_forward(x, w.router, top_k)
-    tokens = routing.order // top_k  # [N*K] token of each sorted assignment
-    xs = x[tokens]  # gather: [N*K, H] rows grouped by expert
-    ys = np.empty_like(xs)  # [N*K, H] expert outputs in sorted order
-    caches: list[SwiGLUCache | None] = []
-    start = 0
-    for e, count in enumerate(routing.counts.tolist()):
-        if count == 0:  # skip empty experts
-            caches.append(None)
-            continue
-        rows = slice(start, start + count)
-        ys[rows], cache = swiglu_forward(xs[rows], w.gate[e], w.up[e], w.down[e])
-        caches.append(cache)
-        start += count
+    xs = x[routing.order // top_k]  # gather: [N*K, H] rows grouped by expert
+    counts = routing.counts.tolist()
+    ys, experts = swiglu_forward(xs, w.gate, w.up, w.down, counts)  # [N*K, H]
     y = np.empty_like(ys)
     y[routing.order] = ys  # scatter back to (token, slot) order
     y = y.reshape(n, top_k, hidden)  # [N, K, H]
     out = np.matmul(routing.weights[:, None, :], y)[:, 0]  # sum_k w_k y_k   [N, H]
-    return out, MoECache(x, routing, y, caches)
+    return out, MoECache(x, routing, y, experts)
 
 
 def moe_backward(
@@ -142,23 +136,13 @@ def moe_backward(
     """MoE backward: dy_tk = w_tk dout_t (into expert k's backward); dw_tk = dout_t . y_tk;
     the gather's backward is a scatter-add of the experts' input gradients.
     """
-    x, routing, y, caches = cache
+    x, routing, y, experts = cache
     n, hidden = x.shape
     top_k = routing.top_idx.shape[1]
     dweights = np.matmul(y, dout[:, :, None])[:, :, 0]  # dw_tk = dout_t . y_tk   [N, K]
     dy = routing.weights[:, :, None] * dout[:, None, :]  # dy_tk = w_tk dout_t   [N, K, H]
     dys = dy.reshape(n * top_k, hidden)[routing.order]  # gather into sorted order
-    dxs = np.empty_like(dys)  # [N*K, H]
-    start = 0
-    for e, count in enumerate(routing.counts.tolist()):
-        ecache = caches[e]
-        if ecache is None:
-            continue
-        rows = slice(start, start + count)
-        dxs[rows] = swiglu_backward(
-            dys[rows], ecache, w.gate[e], w.up[e], w.down[e], dw.gate[e], dw.up[e], dw.down[e]
-        )
-        start += count
+    dxs = swiglu_backward(dys, experts, w.gate, w.up, w.down, dw.gate, dw.up, dw.down)
     dx_slots = np.empty_like(dxs)
     dx_slots[routing.order] = dxs  # back to (token, slot) order
     dx = dx_slots.reshape(n, top_k, hidden).sum(axis=1)  # scatter-add over slots   [N, H]

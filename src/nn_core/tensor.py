@@ -30,10 +30,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     A row that is entirely -inf gives zeros, not NaN (SPEC.md section 2).
     """
     m = np.max(x, axis=axis, keepdims=True)
-    m[~np.isfinite(m)] = 0  # an all -inf row: exp(-inf - 0) = 0, no NaN from inf - inf
+    all_masked = None
+    if not np.isfinite(m).all():  # rare: rows of -inf (or inf/NaN, which stay visible)
+        all_masked = m == -np.inf
+        m = np.where(all_masked, 0, m)  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
     e = np.exp(x - m)
     s = np.sum(e, axis=axis, keepdims=True)
-    s[s == 0] = 1
+    if all_masked is not None:
+        s[all_masked] = 1
     e /= s
     return e
 
