@@ -11,11 +11,11 @@ from nn_core.attention import (
     attention_backward,
     attention_forward,
     build_rope,
+    ntk_rope_base,
     pair_swap,
+    rope_rotate,
     rope_tables,
     rope_unrotate,
-    ntk_rope_base,
-    rope_rotate,
 )
 from nn_core.config import Config
 from nn_core.layers import (
