@@ -1,18 +1,41 @@
-"""nn-core: a from-scratch Mixture-of-Experts transformer on NumPy."""
+"""nn-core: a from-scratch Mixture-of-Experts transformer on NumPy.
 
+The public API (see README.md): ``Config``, ``MoETransformer``, training with
+``TrainConfig``/``Trainer``, sampling strategies and ``generate`` (in
+``nn_core.generate``), the benchmark in ``nn_core.bench``.
+"""
+
+from .checkpoint import load_model, save_model
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, NNCoreError, NonFiniteError
 from .model import KVCache, LossTerms, MoETransformer
+from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP, make_strategy
+from .text import ByteTokenizer
+from .train import AdamW, TrainConfig, Trainer, clip_grad_norm, get_lr
 
 __all__ = [
+    "AdamW",
+    "ByteTokenizer",
     "CheckpointError",
     "Config",
     "ConfigError",
+    "Greedy",
     "InputError",
     "KVCache",
     "LossTerms",
     "MoETransformer",
     "NNCoreError",
     "NonFiniteError",
+    "SamplingStrategy",
+    "Temperature",
+    "TopK",
+    "TopP",
+    "TrainConfig",
+    "Trainer",
+    "clip_grad_norm",
+    "get_lr",
+    "load_model",
+    "make_strategy",
+    "save_model",
 ]
 __version__ = "0.1.0"
