@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 MIN_LR_RATIO = 0.1  # LR schedule: min_lr = 0.1 * lr (SPEC.md section 3)
 CLIP_EPS = 1e-12  # Gradient clipping: g *= clip / (norm + 1e-12)
+KERNELS = ("numpy", "numba")  # TrainConfig.kernels: reference NumPy or fused Numba passes
 BLOCK_BYTES = 256 * 1024  # elementwise passes run over blocks of this many bytes per buffer
 
 Batch = tuple[np.ndarray, np.ndarray]  # (token_ids [B, S], targets [B, S])
@@ -68,6 +69,7 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # checkpoint after every this many updates (0: end only)
     keep_checkpoints: int = 3  # newest step checkpoints kept in a run directory
     seed: int = 42  # seed of the trainer's np.random.Generator (saved with checkpoints)
+    kernels: str = "numpy"  # AdamW and gradient norm: "numpy" (reference) or "numba" (fused)
 
     def __post_init__(self) -> None:
         ints = {  # name -> smallest allowed value
@@ -86,6 +88,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an int, got {value!r}")
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.warmup_steps >= self.total_steps:
             raise ConfigError(
                 f"warmup_steps must be < total_steps ({self.total_steps}), got {self.warmup_steps}"
@@ -325,14 +329,18 @@ def global_norm(flat: np.ndarray) -> float:
     return math.sqrt(total)
 
 
-def clip_grad_norm(flat_grads: np.ndarray, max_norm: float) -> float:
+def clip_grad_norm(
+    flat_grads: np.ndarray,
+    max_norm: float,
+    norm_fn: Callable[[np.ndarray], float] = global_norm,
+) -> float:
     """Gradient clipping over all gradients at once; returns the norm BEFORE clipping.
 
     SPEC.md: if norm > clip: g *= clip / (norm + 1e-12). The norm is accumulated in
     float64 (``global_norm``). A non-finite norm leaves the gradients untouched (the
     trainer refuses the step).
     """
-    norm = global_norm(flat_grads)
+    norm = norm_fn(flat_grads)
     if math.isfinite(norm) and norm > max_norm:
         flat_grads *= max_norm / (norm + CLIP_EPS)
     return norm
@@ -401,7 +409,14 @@ class Trainer:
             raise InputError("data_source must have state_dict() and load_state_dict()")
         self.model = model
         self.config = cfg
-        self.optimizer = AdamW.for_model(model, cfg)
+        if cfg.kernels == "numba":  # fused one-pass kernels; equal to the reference to rounding
+            from .kernels import adamw_update_fused, global_norm_fused
+
+            self.optimizer = AdamW.for_model(model, cfg, update_fn=adamw_update_fused)
+            self._global_norm: Callable[[np.ndarray], float] = global_norm_fused
+        else:
+            self.optimizer = AdamW.for_model(model, cfg)
+            self._global_norm = global_norm
         self.step = 0  # updates applied so far
         self.rng = np.random.default_rng(cfg.seed)  # for callers; saved with checkpoints
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -428,7 +443,7 @@ class Trainer:
         except FloatingPointError as exc:  # a model running under np.errstate(raise)
             raise self._non_finite(t, f"floating-point error ({exc})") from exc
         total, ce, aux = (float(x) for x in terms)
-        grad_norm = clip_grad_norm(self.model.flat_grads, cfg.grad_clip)
+        grad_norm = clip_grad_norm(self.model.flat_grads, cfg.grad_clip, self._global_norm)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             raise self._non_finite(t, f"loss={total!r}, grad_norm={grad_norm!r}")
         self.optimizer.step(lr)

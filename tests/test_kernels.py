@@ -1,0 +1,64 @@
+"""The compiled kernels equal their NumPy references (nn_core.train)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nn_core.kernels import adamw_update_fused, global_norm_fused
+from nn_core.train import adamw_update, global_norm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adamw_equals_numpy_reference(dtype):
+    rng = np.random.default_rng(0)
+    n = 100_003  # not a multiple of any block or vector width
+    params = rng.standard_normal(n).astype(dtype)
+    ref = [params.copy(), np.zeros_like(params), np.zeros_like(params)]
+    fused = [params.copy(), np.zeros_like(params), np.zeros_like(params)]
+    for t in range(1, 6):
+        grads = (rng.standard_normal(n) * 10.0 ** rng.integers(-9, 2, n)).astype(dtype)
+        adamw_update(ref[0], grads, ref[1], ref[2], 1e-3, 0.9, 0.95, 1e-8, 0.1, t)
+        adamw_update_fused(fused[0], grads, fused[1], fused[2], 1e-3, 0.9, 0.95, 1e-8, 0.1, t)
+    # the same operations in the same order; the compiler may still fuse a multiply-add
+    # (one rounding instead of two), so allow a few units in the last place
+    ulp = np.finfo(dtype).eps
+    for a, b in zip(ref, fused):
+        np.testing.assert_allclose(b, a, rtol=4 * ulp, atol=4 * ulp * np.abs(a).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_global_norm_equals_numpy_reference(dtype):
+    rng = np.random.default_rng(1)
+    flat = rng.standard_normal(250_001).astype(dtype)
+    # both accumulate float64 squares; only the summation order differs
+    assert global_norm_fused(flat) == pytest.approx(global_norm(flat), rel=1e-12)
+    flat[7] = np.inf
+    assert global_norm_fused(flat) == np.inf
+    flat[7] = np.nan
+    assert np.isnan(global_norm_fused(flat))
+
+
+def test_trainer_with_fused_kernels_matches_the_numpy_trainer():
+    from nn_core import Config, MoETransformer, TrainConfig, Trainer
+
+    ids = np.arange(16).reshape(2, 8)
+    runs = {}
+    for kernels in ("numpy", "numba"):
+        cfg = TrainConfig(lr=1e-3, warmup_steps=2, total_steps=10, kernels=kernels)
+        trainer = Trainer(MoETransformer(Config.tiny(), seed=0), cfg)
+        runs[kernels] = (
+            [trainer.train_step(ids, (ids + 1) % 1000)["loss"] for _ in range(4)],
+            trainer.model.flat_params,
+        )
+    # a norm summed in another order, then AdamW's g / (|g| + eps) on gradients near
+    # float32 resolution: agreement to float32 rounding amplified by four steps
+    np.testing.assert_allclose(runs["numba"][0], runs["numpy"][0], rtol=1e-5)
+    np.testing.assert_allclose(runs["numba"][1], runs["numpy"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_kernels_are_rejected():
+    from nn_core import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="kernels"):
+        TrainConfig(kernels="cuda")
