@@ -89,14 +89,15 @@ def router_backward(
     n, n_experts = probs.shape
     dkept = dweights - np.sum(weights * dweights, axis=1, keepdims=True)  # [N, K]
     dkept /= kept_sum
-    dprobs = np.zeros_like(probs)  # [N, E]; 0 outside the kept experts from this path
-    np.put_along_axis(dprobs, top_idx, dkept, axis=1)
+    # experts along rows, as in the forward: dprobs^T [E, N]
+    dprobs_t = np.zeros((n_experts, n), dtype=probs.dtype)  # 0 outside the kept experts
+    dprobs_t[top_idx, np.arange(n)[:, None]] = dkept
     if alpha:
         f = routing.counts / routing.order.size  # [E]
-        dprobs += (alpha * n_experts / n * f).astype(probs.dtype)
-    dz = softmax_backward(dprobs, probs)  # [N, E]
-    dw_router += dz.T @ x
-    return dz @ w_router  # [N, H]
+        dprobs_t += (alpha * n_experts / n * f).astype(probs.dtype)[:, None]
+    dz_t = softmax_backward(dprobs_t, probs.T, axis=0)  # [E, N]
+    dw_router += dz_t @ x
+    return dz_t.T @ w_router  # [N, H]
 
 
 # ---------------------------------------------------------------------------- MoE layer
