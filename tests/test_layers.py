@@ -393,7 +393,7 @@ def test_block_forward_and_backward(rng):
         random_moe(rng, e=3, h=h, f=6),
     )
     x = rng.standard_normal((2 * 4, h))
-    out, cache, _ = block_forward(x, 2, w, cfg, rope)
+    out, cache = block_forward(x, 2, w, cfg, rope)
     # direct composition: h = x + A(n1(x)); out = h + M(n2(h))
     a, _ = attention_forward(rmsnorm_forward(x, w.attn_norm)[0], 2, w.qkv, w.o, 2, 1, rope)
     mid = x + a

@@ -22,7 +22,7 @@ from .config import Config
 from .errors import InputError
 from .layers import embedding_backward, embedding_forward, rmsnorm_backward, rmsnorm_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
-from .moe import BlockCache, BlockWeights, MoEWeights, block_backward, block_forward
+from .moe import BlockCache, BlockWeights, MoEWeights, aux_loss, block_backward, block_forward
 from .params import ParamStore
 from .tensor import check_dtype, kaiming_normal
 
@@ -187,7 +187,7 @@ class MoETransformer:
         batch, seq = ids.shape
         x = embedding_forward(ids.reshape(-1), self.store.params["embed.weight"])  # [N, H]
         for w in self._w:
-            x, _, _ = block_forward(x, batch, w, self.config, self.rope)
+            x, _ = block_forward(x, batch, w, self.config, self.rope)
         return self._head(x).reshape(batch, seq, -1)
 
     def _head(self, x: np.ndarray) -> np.ndarray:
@@ -214,7 +214,7 @@ class MoETransformer:
             )
         x = embedding_forward(ids.reshape(-1), self.store.params["embed.weight"])
         for w, kv in zip(self._w, cache.layers):
-            x, _, _ = block_forward(x, batch, w, self.config, self.rope, cache.length, kv)
+            x, _ = block_forward(x, batch, w, self.config, self.rope, cache.length, kv)
         cache.length += seq
         return self._head(x).reshape(batch, seq, -1)
 
@@ -277,9 +277,9 @@ class MoETransformer:
         aux = 0.0
         for w in self._w:
             inputs.append(x)
-            x, cache, layer_aux = block_forward(x, batch, w, self.config, self.rope)
+            x, cache = block_forward(x, batch, w, self.config, self.rope)
             caches.append(None if checkpoint else cache)
-            aux += alpha * layer_aux  # Total loss: L = L_ce + sum over layers of L_aux
+            aux += aux_loss(cache.moe.routing, alpha)  # Total loss: L = L_ce + sum of L_aux
         y, final_cache = rmsnorm_forward(x, params["final_norm.weight"], self.config.rms_eps)
         logits = y @ params["lm_head.weight"].T  # LM head   [N, V]
         ce, ce_cache = cross_entropy_forward(logits, tgt.reshape(-1))
@@ -301,7 +301,7 @@ class MoETransformer:
         for i in reversed(range(self.config.n_layers)):
             cache = caches[i]
             if cache is None:  # activation checkpointing: recompute the block's internals
-                _, cache, _ = block_forward(inputs[i], batch, self._w[i], self.config, self.rope)
+                _, cache = block_forward(inputs[i], batch, self._w[i], self.config, self.rope)
             dx = block_backward(dx, cache, self._w[i], self._dw[i], self.config, self.rope, alpha)
         embedding_backward(dx, ids.reshape(-1), grads["embed.weight"])
 

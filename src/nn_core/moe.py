@@ -177,10 +177,10 @@ def block_forward(
     rope: Rope,
     start: int = 0,
     kv: KVLayerCache | None = None,
-) -> tuple[np.ndarray, BlockCache, float]:
+) -> tuple[np.ndarray, BlockCache]:
     """Block: h = x + Attention(RMSNorm_attn(x)); out = h + MoE(RMSNorm_ffn(h)).
 
-    x [N, H] -> (out [N, H], cache, this layer's aux loss before alpha).
+    x [N, H] -> (out [N, H], cache); the layer's routing (for the aux loss) is cache.moe.routing.
     """
     a, n1 = rmsnorm_forward(x, w.attn_norm, cfg.rms_eps)
     attn_out, attn = attention_forward(
@@ -190,7 +190,7 @@ def block_forward(
     m, n2 = rmsnorm_forward(h, w.ffn_norm, cfg.rms_eps)
     moe_out, moe = moe_forward(m, w.moe, cfg.top_k_experts)
     out = h + moe_out  # not in place: the ffn norm's cache holds h
-    return out, BlockCache(n1, attn, n2, moe), aux_loss(moe.routing, 1.0)
+    return out, BlockCache(n1, attn, n2, moe)
 
 
 def block_backward(
