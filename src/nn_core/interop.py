@@ -1,0 +1,237 @@
+"""Weights other frameworks can load: one .safetensors file, nn-core's names, config inside.
+
+    export_weights(checkpoint, out_file)        checkpoint / model / run dir -> FILE.safetensors
+    import_weights(file, out_dir, config=None)  FILE.safetensors -> nn-core model directory
+    load_weights(file, config=None)             FILE.safetensors -> verified MoETransformer
+
+The file holds one C-contiguous tensor per parameter under the documented names
+(``embed.weight``, ``layers.{i}.attn.q_proj.weight``, ..., ``lm_head.weight``), in
+the model dtype, and string metadata in the safetensors header::
+
+    format          "nn-core-weights"
+    format_version  "1"
+    nn_core_config  Config.to_dict() as JSON (what TorchMoE and Config.from_dict take)
+    dtype           "float32" or "float64"
+    nn_core_version the nn-core version that wrote it
+
+Shapes (legend: V vocab, H hidden, Q = nH*D, KV = nKV*D, E experts, F ffn): Linear
+weights are [out_features, in_features], PyTorch's nn.Linear layout, so a state dict
+moves 1:1; embed [V, H]; q_proj [Q, H]; k_proj, v_proj [KV, H]; o_proj [H, Q]; router
+[E, H]; gate_proj, up_proj [E, F, H]; down_proj [E, H, F]; norm gains [H]; lm_head [V, H].
+
+Import accepts such a file, or any safetensors file holding exactly the parameters of
+a Config given in its metadata (``nn_core_config``, or ``config``) or passed as
+``config=``. It runs the checks of checkpoint loading (``nn_core.checkpoint``, same
+CheckpointError messages: a valid safetensors file, no missing or unexpected tensor,
+every shape and dtype as the config needs) plus one more: every value finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .checkpoint import (
+    _fsync_dir,
+    _fsync_file,
+    _read_tensor_file,
+    load_model,
+    save_model,
+    sha256_file,
+)
+from .config import Config
+from .errors import CheckpointError, ConfigError, InputError
+
+if TYPE_CHECKING:
+    from .model import MoETransformer
+
+WEIGHTS_FORMAT = "nn-core-weights"
+WEIGHTS_FORMAT_VERSION = 1
+CONFIG_KEY = "nn_core_config"
+_CONFIG_KEYS = (CONFIG_KEY, "config")  # where import looks for the config, in order
+_SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
+
+PathLike = str | os.PathLike[str]
+
+__all__ = [
+    "CONFIG_KEY",
+    "WEIGHTS_FORMAT",
+    "WEIGHTS_FORMAT_VERSION",
+    "export_weights",
+    "import_weights",
+    "load_weights",
+    "read_weights_metadata",
+    "weights_metadata",
+]
+
+
+# ---- export ----------------------------------------------------------------------------
+
+
+def weights_metadata(model: MoETransformer) -> dict[str, str]:
+    """The safetensors header metadata of an exported file (strings only)."""
+    from . import __version__
+
+    return {
+        "format": WEIGHTS_FORMAT,
+        "format_version": str(WEIGHTS_FORMAT_VERSION),
+        CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True),
+        "dtype": str(np.dtype(model.dtype)),
+        "nn_core_version": __version__,
+    }
+
+
+def _atomic_write_file(target: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temp file beside ``target``; fsync, rename over it, fsync the dir.
+
+    A crash leaves either the old file or the new one, never half a file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def export_weights(checkpoint: PathLike, out_file: PathLike) -> Path:
+    """Write the weights of a checkpoint as one .safetensors file; returns its path.
+
+    ``checkpoint``: a model directory (``MoETransformer.save``), a training checkpoint
+    or a run directory (its ``latest``); it is verified as ``load_model`` does. The file
+    is written atomically (temp file + rename); an existing file is replaced.
+    """
+    from safetensors.numpy import save_file
+
+    model = load_model(checkpoint)
+    out = Path(out_file)
+    if out.is_dir():
+        raise InputError(f"out_file {out} is a directory; give a file name, e.g. model.safetensors")
+    tensors = {name: np.ascontiguousarray(p) for name, p in model.parameters().items()}
+    _atomic_write_file(out, lambda tmp: save_file(tensors, str(tmp), weights_metadata(model)))
+    return out
+
+
+# ---- import ----------------------------------------------------------------------------
+
+
+def read_weights_metadata(file: PathLike) -> dict[str, str]:
+    """The header metadata of a safetensors file ({} if it has none); CheckpointError if the
+    file is missing or not a valid safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(file)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing" if not path.exists() else f"{path} is not a file"
+        )
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
+def _file_dtype(path: Path, meta: dict[str, str]) -> str:
+    """The dtype the parameters must have: metadata "dtype", else that of embed.weight."""
+    from safetensors import safe_open
+
+    if "dtype" in meta:
+        dtype = meta["dtype"]
+    else:
+        with safe_open(str(path), framework="numpy") as f:
+            if "embed.weight" not in f.keys():
+                return "float32"  # the tensor check reports embed.weight missing
+            code = f.get_slice("embed.weight").get_dtype()
+        dtype = _SAFETENSORS_DTYPES.get(code, code)
+    if dtype not in ("float32", "float64"):
+        raise CheckpointError(f"{path}: dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _config_diff(mine: Config, theirs: Config) -> str:
+    a, b = mine.to_dict(), theirs.to_dict()
+    return ", ".join(f"{k}: file {b[k]!r} vs expected {a[k]!r}" for k in a if a[k] != b[k])
+
+
+def _file_config(path: Path, meta: dict[str, str], config: Config | None) -> Config:
+    """The config in the file's metadata (checked against ``config`` if given), or ``config``."""
+    if config is not None and not isinstance(config, Config):
+        raise ConfigError(f"config must be an nn_core.Config or None, got {type(config).__name__}")
+    key = next((k for k in _CONFIG_KEYS if k in meta), None)
+    if key is None:
+        if config is None:
+            raise CheckpointError(
+                f"{path} has no model config: its safetensors metadata lacks {CONFIG_KEY!r}; "
+                "pass the config explicitly (config=..., nn-core import --config NAME|FILE)"
+            )
+        return config
+    try:
+        found = Config.from_dict(json.loads(meta[key]))
+    except (json.JSONDecodeError, ConfigError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: invalid config in metadata {key!r}: {exc}") from exc
+    if config is not None and found != config:
+        raise CheckpointError(
+            f"{path} holds weights of a different config ({_config_diff(config, found)})"
+        )
+    return found
+
+
+def load_weights(file: PathLike, *, config: Config | None = None) -> MoETransformer:
+    """A verified ``MoETransformer`` from a weights file (``export_weights`` or compatible).
+
+    Checks, in order: the file is valid safetensors; format version (if it says it is an
+    nn-core file); a config (metadata or ``config=``; both given must agree); the dtype
+    (float32/float64); tensor names (none missing, none extra), shapes and dtypes; all
+    values finite. Each failure is a CheckpointError naming the file and the tensor.
+    """
+    from .model import MoETransformer
+
+    path = Path(file)
+    meta = read_weights_metadata(path)
+    if meta.get("format") == WEIGHTS_FORMAT and meta.get("format_version") != str(
+        WEIGHTS_FORMAT_VERSION
+    ):
+        raise CheckpointError(
+            f"{path}: weights format version {meta.get('format_version')!r}, this nn-core reads "
+            f"version {WEIGHTS_FORMAT_VERSION}"
+        )
+    cfg = _file_config(path, meta, config)
+    dtype = _file_dtype(path, meta)
+    model = MoETransformer(cfg, dtype=np.dtype(dtype))
+    params = model.parameters()
+    expected = {name: p.shape for name, p in params.items()}
+    # checkpoint.py's verification (names, shapes, dtypes) -- it starts with a size and
+    # SHA-256 check against state.json, which a bare file lacks: measured here, it passes.
+    state = {"files": {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}}
+    tensors = _read_tensor_file(path.parent, path.name, state, expected, dtype)
+    for name, view in params.items():
+        arr = tensors[name]
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise CheckpointError(
+                f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf)"
+            )
+        np.copyto(view, arr)
+    return model
+
+
+def import_weights(file: PathLike, out_dir: PathLike, *, config: Config | None = None) -> Path:
+    """Verify a weights file (``load_weights``) and write it as an nn-core model directory
+    (``checkpoint.save_model``: atomic, SHA-256 recorded), loadable with
+    ``MoETransformer.load``; returns the directory."""
+    return save_model(load_weights(file, config=config), out_dir)
