@@ -389,8 +389,6 @@ def _read_tensor_file(
     ckpt: Path, name: str, state: dict[str, Any], expected: dict[str, tuple[int, ...]], dtype: str
 ) -> dict[str, np.ndarray]:
     """Verify size, SHA-256, names, shapes and dtypes of tensor file ``name``; load it."""
-    from safetensors.numpy import load_file
-
     path = ckpt / name
     meta = state["files"].get(name) if isinstance(state["files"], dict) else None
     if not isinstance(meta, dict) or "sha256" not in meta or "bytes" not in meta:
@@ -410,6 +408,15 @@ def _read_tensor_file(
             f"{path} is corrupt: SHA-256 mismatch (expected {meta['sha256']}, got {digest}); "
             "a byte was changed after the checkpoint was written"
         )
+    return load_verified_tensors(path, expected, dtype)
+
+
+def load_verified_tensors(
+    path: Path, expected: dict[str, tuple[int, ...]], dtype: str
+) -> dict[str, np.ndarray]:
+    """Load safetensors file ``path``; check its names, shapes and dtypes against ``expected``."""
+    from safetensors.numpy import load_file
+
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types

@@ -41,10 +41,9 @@ import numpy as np
 from .checkpoint import (
     _fsync_dir,
     _fsync_file,
-    _read_tensor_file,
     load_model,
+    load_verified_tensors,
     save_model,
-    sha256_file,
 )
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError
@@ -217,8 +216,7 @@ def load_weights(file: PathLike, *, config: Config | None = None) -> MoETransfor
     expected = {name: p.shape for name, p in params.items()}
     # checkpoint.py's verification (names, shapes, dtypes) -- it starts with a size and
     # SHA-256 check against state.json, which a bare file lacks: measured here, it passes.
-    state = {"files": {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}}
-    tensors = _read_tensor_file(path.parent, path.name, state, expected, dtype)
+    tensors = load_verified_tensors(path, expected, dtype)
     for name, view in params.items():
         arr = tensors[name]
         bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
