@@ -1,0 +1,216 @@
+"""A process pool for the parallel axis: one model per worker, built in its initializer.
+
+The pool is created once per benchmark run, before anything else touches the
+BLAS or Numba thread pools (so 'fork' is safe on Linux; otherwise 'spawn').
+Each worker builds every pool task's model/trainer at start-up (untimed, as the
+sibling implementations do), caps BLAS (and Numba) at one thread, runs one
+untimed priming call per task, then waits on its own pipe for commands.
+
+A timed run sends ("run", key) to T workers and waits for all T replies; each
+worker reports the CPU time (its own getrusage user+system) and GC pauses of
+its work. Outputs stay in the workers; their NaN/Inf/max-abs statistics are
+fetched afterwards, untimed.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .harness import (
+    GcTracker,
+    cpu_ns,
+    numerical_stats,
+    peak_rss_bytes,
+    reset_peak_rss,
+    traced_alloc_bytes,
+)
+
+
+@dataclass(frozen=True)
+class PoolTask:
+    """A workload every worker prepares: kind 'forward' or 'train' on [batch, seq]."""
+
+    kind: str
+    config: str
+    batch: int
+    seq: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.config}:{self.batch}x{self.seq}"
+
+
+def fork_is_safe() -> bool:
+    """'fork' is safe while this process runs no extra threads that a child could
+    inherit mid-lock: no other Python threads and no launched Numba thread pool.
+    (OpenBLAS re-initializes its pool in the child through pthread_atfork.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    if threading.active_count() != 1:
+        return False
+    numba_parallel = sys.modules.get("numba.np.ufunc.parallel")
+    return not (numba_parallel is not None and getattr(numba_parallel, "_is_initialized", False))
+
+
+class ProcessPool:
+    """``n_workers`` processes, each holding its own instance of every task."""
+
+    def __init__(
+        self,
+        n_workers: int,
+        tasks: list[PoolTask],
+        start_method: str | None = None,
+        train_options: dict[str, Any] | None = None,
+    ):
+        self.start_method = start_method or ("fork" if fork_is_safe() else "spawn")
+        ctx: Any = mp.get_context(self.start_method)
+        self.tasks = {t.key: t for t in tasks}
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(n_workers):
+            parent, child = ctx.Pipe()
+            args = (child, tasks, dict(train_options or {}))
+            proc = ctx.Process(target=_worker_main, args=args, daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        # key -> error text for tasks a worker could not build (e.g. no Trainer yet)
+        self.task_errors: dict[str, str] = {}
+        for conn in self.conns:
+            status, errors = conn.recv()
+            if status != "ready":
+                raise RuntimeError(f"bench worker failed to start: {errors}")
+            self.task_errors.update(errors)
+
+    @property
+    def size(self) -> int:
+        return len(self.conns)
+
+    def run(self, key: str, t: int) -> list[tuple[int, int, int]]:
+        """The timed operation: workers 0..t-1 each run task ``key`` once, concurrently.
+
+        Returns per worker (cpu_ns, gc_time_ns, gc_count) of its own work.
+        """
+        conns = self.conns[:t]
+        for c in conns:
+            c.send(("run", key))
+        return [_unwrap(c.recv()) for c in conns]
+
+    def call(self, t: int, *msg: Any) -> list[Any]:
+        """Send ``msg`` to workers 0..t-1 and collect their replies (untimed helpers)."""
+        conns = self.conns[:t]
+        for c in conns:
+            c.send(msg)
+        return [_unwrap(c.recv()) for c in conns]
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(("stop",))
+                c.close()
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        self.conns, self.procs = [], []
+
+
+def _unwrap(reply: Any) -> Any:
+    status, value = reply
+    if status != "ok":
+        raise RuntimeError(f"bench worker error: {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def _build_task(task: PoolTask) -> Any:
+    """A zero-argument callable running the task once (built untimed)."""
+    from ..config import Config
+    from .workloads import model_op  # the model modules load in the worker
+
+    if task.kind not in ("forward", "train"):
+        raise ValueError(f"pool task kind must be 'forward' or 'train', got {task.kind!r}")
+    return model_op(task.kind, Config.preset(task.config), task.batch, task.seq)
+
+
+def _limit_threads() -> None:
+    """One BLAS thread and one Numba thread per worker: T workers share the cores."""
+    from threadpoolctl import threadpool_limits
+
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # honoured if Numba is first imported after this
+    threadpool_limits(limits=1, user_api="blas")
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        try:
+            numba.set_num_threads(1)
+        except (ValueError, RuntimeError):
+            pass
+
+
+def _worker_main(conn: Connection, tasks: list[PoolTask], train_options: dict[str, Any]) -> None:
+    from . import workloads
+
+    sys.stdout = sys.stderr  # stdout belongs to the parent's JSON
+    _limit_threads()
+    workloads.TRAIN_OPTIONS.clear()
+    workloads.TRAIN_OPTIONS.update(train_options)
+    fns: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for task in tasks:
+        try:
+            fns[task.key] = _build_task(task)
+            fns[task.key]()  # priming: any lazy loading happens here, untimed
+        except Exception as exc:  # reported to the parent, which fails that scenario
+            errors[task.key] = f"{type(exc).__name__}: {exc}"
+            fns.pop(task.key, None)
+    conn.send(("ready", errors))
+    last: dict[str, Any] = {}
+    tracker = GcTracker()
+    gc.callbacks.append(tracker)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        cmd = msg[0]
+        if cmd == "stop":
+            break
+        try:
+            if cmd == "run":
+                key = msg[1]
+                last.pop(key, None)
+                tracker.time_ns = tracker.count = 0
+                tracker.active = True
+                c0 = cpu_ns()
+                last[key] = fns[key]()
+                c1 = cpu_ns()
+                tracker.active = False
+                conn.send(("ok", (c1 - c0, tracker.time_ns, tracker.count)))
+            elif cmd == "numerics":
+                conn.send(("ok", numerical_stats(last.get(msg[1]))))
+            elif cmd == "alloc":
+                conn.send(("ok", traced_alloc_bytes(fns[msg[1]])))
+            elif cmd == "reset_rss":
+                conn.send(("ok", reset_peak_rss()))
+            elif cmd == "rss":
+                conn.send(("ok", peak_rss_bytes()))
+            else:
+                conn.send(("error", f"unknown command {cmd!r}"))
+        except Exception:
+            tracker.active = False
+            conn.send(("error", traceback.format_exc(limit=3)))
+    conn.close()

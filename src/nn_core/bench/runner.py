@@ -1,0 +1,698 @@
+"""The benchmark run: floor measurement, every selected scenario, the JSON document, the CLI.
+
+    python -m nn_core.bench [--scenario GLOB ...] [--trials 10] [--warmup 3] [--out FILE]
+    python -m nn_core.bench --summary A.json [B.json ...]
+
+JSON goes to stdout (or --out); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from threadpoolctl import threadpool_limits
+
+from . import floor as fl
+from . import metadata as md
+from . import workloads
+from .harness import (
+    Measurement,
+    Workload,
+    current_rss_bytes,
+    finite_or_none,
+    measure,
+    median_int,
+    release_free_memory,
+    reset_peak_rss,
+    timing_stats,
+)
+from .pool import PoolTask, ProcessPool
+from .scenarios import SEED, Scenario, select, tokens_of
+from .summary import fmt_ns
+from .workloads import (
+    ProcessParallelWorkload,
+    ThreadParallelWorkload,
+    build,
+    config_of,
+    model_op,
+    threads_unsafe_reason,
+)
+
+DEFAULT_TRIALS = 10
+DEFAULT_WARMUP = 3
+DEFAULT_GEMM_SIZE = 1024
+DEFAULT_BANDWIDTH_MIB = 256
+
+PARALLEL_KINDS = ("parallel_forward", "parallel_train")
+
+# Idle pause before each scenario's warm-ups: OpenBLAS worker threads keep spinning
+# for up to ~100 ms after a multi-threaded call (measured here), which would leak the
+# previous scenario's (or the floor probe's) CPU use into the next one.
+SETTLE_S = 0.15
+
+
+# ---------------------------------------------------------------------------- floor context
+
+
+@dataclass
+class FloorRates:
+    """This machine's rates, measured in the same run as the scenarios."""
+
+    gemm_size: int
+    gemm_flops_1_thread: float
+    gemm_flops_all_threads: float
+    all_threads: int
+    bandwidth_large_bytes: int
+    bandwidth_large_1_thread: float
+    bandwidth_large_all_threads: float
+    # working-set bytes -> best copy bandwidth (bytes/s), measured on demand
+    bandwidth_by_working_set: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def gemm_rate(self) -> float:
+        """The floor's GEMM rate: the faster of one thread and all threads."""
+        return max(self.gemm_flops_1_thread, self.gemm_flops_all_threads)
+
+    def bandwidth_for(self, working_set: int) -> float:
+        """Copy bandwidth over a working set of this size (cache- or DRAM-resident, as the
+        optimizer's p, g, m, v would be): the faster of one thread and all threads."""
+        if working_set not in self.bandwidth_by_working_set:
+            rates = [fl.measure_copy_bandwidth(working_set, threads=1)]
+            if self.all_threads > 1:
+                rates.append(fl.measure_copy_bandwidth(working_set, threads=self.all_threads))
+            self.bandwidth_by_working_set[working_set] = max(rates)
+        return self.bandwidth_by_working_set[working_set]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        bw = d["bandwidth_by_working_set"]
+        d["bandwidth_by_working_set"] = {str(k): v for k, v in bw.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FloorRates:
+        d = dict(d)
+        d["bandwidth_by_working_set"] = {
+            int(k): float(v) for k, v in d.get("bandwidth_by_working_set", {}).items()
+        }
+        return cls(**d)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "gemm": {
+                "product": f"C = A @ B^T, float32, {self.gemm_size}^3",
+                "statistic": "best of 5 after one warm-up",
+                "gflops_1_thread": round(self.gemm_flops_1_thread / 1e9, 3),
+                "gflops_all_threads": round(self.gemm_flops_all_threads / 1e9, 3),
+                "all_threads": self.all_threads,
+                "floor_uses": "the faster of the two",
+            },
+            "memory_bandwidth": {
+                "probe": "np.copyto, bytes read + written, best of 5",
+                "large_working_set_bytes": self.bandwidth_large_bytes,
+                "large_gbytes_per_sec_1_thread": round(self.bandwidth_large_1_thread / 1e9, 3),
+                "large_gbytes_per_sec_all_threads": round(
+                    self.bandwidth_large_all_threads / 1e9, 3
+                ),
+                "by_working_set_gbytes_per_sec": {
+                    str(k): round(v / 1e9, 3) for k, v in self.bandwidth_by_working_set.items()
+                },
+            },
+        }
+
+
+def measure_floor(gemm_size: int, bandwidth_bytes: int) -> FloorRates:
+    threads = int(md.blas_threads_now() or os.cpu_count() or 1)
+    return FloorRates(
+        gemm_size=gemm_size,
+        gemm_flops_1_thread=fl.measure_gemm_rate(gemm_size, threads=1),
+        gemm_flops_all_threads=fl.measure_gemm_rate(gemm_size, threads=threads),
+        all_threads=threads,
+        bandwidth_large_bytes=bandwidth_bytes,
+        bandwidth_large_1_thread=fl.measure_copy_bandwidth(bandwidth_bytes, threads=1),
+        bandwidth_large_all_threads=(
+            fl.measure_copy_bandwidth(bandwidth_bytes, threads=threads) if threads > 1 else 0.0
+        ),
+    )
+
+
+def scenario_floor(sc: Scenario, rates: FloorRates | None) -> dict[str, Any] | None:
+    """Analytic flops (and optimizer bytes) of one run of ``sc``, and its floor in ns."""
+    p = sc.params
+    detail: dict[str, Any]
+    if "known_flops" in p:  # kernels
+        flops, moved = int(p["known_flops"]), 0
+        detail = {"basis": "known_flops"}
+    elif sc.kind in ("forward", "train", "cold", *PARALLEL_KINDS):
+        cfg = config_of(sc)
+        t = int(p.get("thread_count", 1))
+        fwd = fl.forward_flops(cfg, int(p["batch"]), int(p["seq"]))
+        train = sc.kind in ("train", "parallel_train")
+        flops = t * (3 * fwd.total if train else fwd.total)
+        moved = t * fl.optimizer_bytes(cfg.total_params()) if train else 0
+        detail = {
+            "basis": "analytic matmul flops (2*m*n*k); attention over the full S x S square"
+            + ("; backward = 2 x forward; + AdamW/clip memory traffic" if train else ""),
+            "forward_flops_per_instance": fwd.to_dict(),
+        }
+        if sc.kind == "cold":
+            detail["excludes"] = "model construction (weight init has no matmul flops)"
+    else:
+        return None
+    out: dict[str, Any] = {"flops": flops, **detail}
+    if moved:
+        out["optimizer_bytes"] = moved
+    if rates is not None:
+        out["gemm_gflops"] = round(rates.gemm_rate / 1e9, 3)
+        bw = None
+        if moved:
+            ws = int(p.get("thread_count", 1)) * fl.optimizer_working_set(
+                config_of(sc).total_params()
+            )
+            bw = rates.bandwidth_for(ws)
+            out["bandwidth_gbytes_per_sec"] = round(bw / 1e9, 3)
+            out["bandwidth_working_set_bytes"] = ws
+        out["floor_ns"] = round(fl.floor_ns(flops, rates.gemm_rate, moved, bw), 1)
+    return out
+
+
+# ---------------------------------------------------------------------------- one scenario
+
+
+@dataclass
+class VariantResult:
+    measurement: Measurement
+    peak_rss: int
+    alloc_bytes: int
+    numerical: dict[str, Any]
+    info: dict[str, Any]
+    blas_threads: int | None
+
+    @property
+    def median_ns(self) -> int:
+        return median_int(self.measurement.timings_ns)
+
+
+def _run_variant(make: Callable[[], Workload], trials: int, warmup: int) -> VariantResult:
+    gc.collect()
+    release_free_memory()
+    rss_at_start = current_rss_bytes()
+    reset_peak_rss()
+    work = make()
+    try:
+        blas_threads = md.blas_threads_now()
+        time.sleep(SETTLE_S)
+        meas = measure(work, trials, warmup)
+        peak = work.peak_rss()  # before the tracemalloc pass, whose traces cost memory
+        alloc = work.alloc_bytes()
+        numerical = work.numerics(meas.last_output)
+        meas.last_output = None
+    finally:
+        work.close()
+    tokens = getattr(work, "tokens", None)
+    info = dict(work.info)
+    info["rss_at_start_bytes"] = rss_at_start
+    if tokens is not None:
+        info["tokens"] = tokens
+    return VariantResult(meas, peak, alloc, numerical, info, blas_threads)
+
+
+def run_scenario(
+    sc: Scenario,
+    trials: int,
+    warmup: int,
+    pool: ProcessPool | None,
+    rates: FloorRates | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Measure one scenario and return its JSON record."""
+    params: dict[str, Any] = {k: v for k, v in sc.params.items() if k != "known_flops"}
+    params.setdefault("seed", SEED)
+    if sc.kind != "kernel":
+        params.setdefault("dtype", "float32")
+    if sc.kind in PARALLEL_KINDS:
+        variants: dict[str, VariantResult] = {}
+        skipped: dict[str, str] = {}
+        if pool is not None:
+            try:
+                variants["processes"] = _run_variant(
+                    lambda: ProcessParallelWorkload(sc, pool), trials, warmup
+                )
+            except Exception as exc:
+                skipped["processes"] = f"{type(exc).__name__}: {exc}"
+        else:
+            skipped["processes"] = "no process pool in this run"
+        reason = threads_unsafe_reason()
+        if reason is None:
+            try:
+                variants["threads"] = _run_variant(
+                    lambda: ThreadParallelWorkload(sc), trials, warmup
+                )
+            except Exception as exc:
+                skipped["threads"] = f"{type(exc).__name__}: {exc}"
+        else:
+            skipped["threads"] = reason
+        if not variants:
+            raise RuntimeError(f"no executor could run {sc.id}: {skipped}")
+        best_name = min(variants, key=lambda k: variants[k].median_ns)
+        best = variants[best_name]
+        alternatives: dict[str, Any] = {
+            k: v.median_ns for k, v in variants.items() if k != best_name
+        }
+        alternatives.update({k: None for k in skipped})
+        params["executor"] = best_name
+        params["alternatives"] = alternatives
+        if skipped:
+            params["skipped_executors"] = skipped
+        for name, v in variants.items():
+            if name != best_name:
+                log(f"    {name}: median {fmt_ns(v.median_ns)}")
+    else:
+        best = _run_variant(lambda: build(sc), trials, warmup)
+    params.update({k: v for k, v in best.info.items() if k not in params})
+    # BLAS threads the measured work ran with (per worker for the process pool)
+    params["blas_threads"] = best.info.get("blas_threads_per_worker", best.blas_threads)
+
+    tokens = best.info.get("tokens", tokens_of(sc) if sc.kind != "kernel" else None)
+    floor = scenario_floor(sc, rates)
+    if floor is not None:
+        params["floor"] = {k: v for k, v in floor.items() if k != "flops"}
+    return build_record(sc, params, best, trials, warmup, tokens, floor)
+
+
+def build_record(
+    sc: Scenario,
+    params: dict[str, Any],
+    res: VariantResult,
+    trials: int,
+    warmup: int,
+    tokens: int | None,
+    floor: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The scenario's JSON object, with the SPEC section 6 field names and order."""
+    m = res.measurement
+    stats = timing_stats(m.timings_ns)
+    med = stats["median_ns"]
+    med_s = med * 1e-9
+    derived: dict[str, Any] = {
+        "alloc_rate_bytes_per_sec": finite_or_none(res.alloc_bytes / med_s) if med else None,
+        # 1 - gc time / wall time (process pools: / (wall x T), each worker collects alone)
+        "gc_throughput": (1.0 - m.gc_time_ns / m.gc_capacity_ns) if m.gc_capacity_ns else 1.0,
+    }
+    if floor is not None:
+        flops = int(floor["flops"])
+        derived["gflops"] = finite_or_none(flops / med) if med else None
+        derived["flops"] = flops
+        fns = floor.get("floor_ns")
+        derived["floor_ratio"] = finite_or_none(fl.floor_ratio(med, fns)) if fns else None
+    rec: dict[str, Any] = {
+        "id": sc.id,
+        "axis": sc.axis,
+        "params": params,
+        "timings_ns": m.timings_ns,
+        "cpu_times_ns": m.cpu_times_ns,
+        "warmup_timings_ns": m.warmup_timings_ns,
+        **stats,
+        "cpu_median_ns": median_int(m.cpu_times_ns),
+        "memory": {"peak_rss_bytes": res.peak_rss, "alloc_bytes": res.alloc_bytes},
+        "gc": {"total_gc_time_ns": m.gc_time_ns, "gc_pause_count": m.gc_count},
+        "numerical": {**res.numerical, "max_abs": finite_or_none(res.numerical["max_abs"])},
+        "derived": derived,
+    }
+    if tokens is not None:
+        rec["throughput_tokens_per_sec"] = finite_or_none(tokens / med_s) if med else None
+    if "known_flops" in sc.params:
+        rec["known_flops"] = int(sc.params["known_flops"])
+    rec["warmup_runs"] = warmup
+    rec["trial_runs"] = trials
+    return rec
+
+
+# ---------------------------------------------------------------------------- the whole run
+
+
+def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
+    """Workers needed (max T) and the distinct tasks every worker prepares."""
+    tasks: dict[str, PoolTask] = {}
+    n = 0
+    for sc in scenarios:
+        if sc.kind in PARALLEL_KINDS:
+            p = sc.params
+            kind = "forward" if sc.kind == "parallel_forward" else "train"
+            task = PoolTask(kind, str(p.get("config", "tiny")), int(p["batch"]), int(p["seq"]))
+            tasks[task.key] = task
+            n = max(n, int(p["thread_count"]))
+    return n, list(tasks.values())
+
+
+def prime(scenarios: list[Scenario]) -> int:
+    """One untimed tiny forward (and train step, if selected) so lazy imports and any
+    cached JIT loading happen before the first timed region. Returns the ns it took."""
+    from ..config import Config
+
+    t0 = time.perf_counter_ns()
+    kinds = {sc.kind for sc in scenarios}
+    if kinds & {"forward", "cold", "parallel_forward", "custom"}:
+        model_op("forward", Config.tiny(), 1, 8)()
+    if kinds & {"train", "parallel_train"}:
+        model_op("train", Config.tiny(), 1, 8)()
+    return time.perf_counter_ns() - t0
+
+
+@dataclass
+class RunOptions:
+    """How a run measures (the CLI flags)."""
+
+    trials: int = DEFAULT_TRIALS
+    warmup: int = DEFAULT_WARMUP
+    gemm_size: int = DEFAULT_GEMM_SIZE
+    bandwidth_bytes: int = DEFAULT_BANDWIDTH_MIB << 20
+    floor: bool = True
+    blas_threads: int | None = None  # cap BLAS for the whole run (None: library default)
+    train_options: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    isolate: bool = False  # each scenario in a fresh interpreter (per-scenario RSS, imports)
+    floor_rates: FloorRates | None = None  # given: reuse instead of measuring (isolated child)
+
+
+def run_benchmark(
+    scenarios: list[Scenario],
+    options: RunOptions | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Run ``scenarios``; returns the JSON document and the list of failures."""
+    opts = options or RunOptions()
+    saved = dict(workloads.TRAIN_OPTIONS)
+    workloads.TRAIN_OPTIONS.clear()
+    workloads.TRAIN_OPTIONS.update(opts.train_options)
+    try:
+        return _run_benchmark(scenarios, opts, log)
+    finally:
+        workloads.TRAIN_OPTIONS.clear()
+        workloads.TRAIN_OPTIONS.update(saved)
+
+
+def _run_benchmark(
+    scenarios: list[Scenario], opts: RunOptions, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    n_workers, tasks = pool_tasks(scenarios)
+    pool = None
+    pool_error = None
+    if n_workers and not opts.isolate:  # created first: no BLAS/Numba/Python threads yet
+        log(f"starting a process pool of {n_workers} workers ({len(tasks)} tasks)")
+        try:
+            pool = ProcessPool(n_workers, tasks, train_options=workloads.TRAIN_OPTIONS)
+        except Exception as exc:
+            pool_error = f"{type(exc).__name__}: {exc}"
+            log(f"process pool unavailable: {pool_error}")
+    blas = opts.blas_threads
+    limits = threadpool_limits(limits=blas, user_api="blas") if blas else None
+    try:
+        prime_ns = None
+        if not opts.isolate:
+            try:
+                prime_ns = prime(scenarios)
+            except Exception as exc:
+                log(f"priming failed ({type(exc).__name__}: {exc}); scenarios will report it")
+        rates = opts.floor_rates
+        if rates is None and opts.floor:
+            log(f"measuring the floor: GEMM {opts.gemm_size}^3 float32, copy bandwidth")
+            rates = measure_floor(opts.gemm_size, opts.bandwidth_bytes)
+            log(
+                f"  GEMM {rates.gemm_flops_1_thread / 1e9:.1f} GFLOP/s (1 thread), "
+                f"{rates.gemm_flops_all_threads / 1e9:.1f} GFLOP/s ({rates.all_threads} threads)"
+            )
+            for sc in scenarios:  # probe every optimizer working set now, not between scenarios
+                scenario_floor(sc, rates)
+        records: list[dict[str, Any]] = []
+        failures: list[dict[str, str]] = []
+        for i, sc in enumerate(scenarios, 1):
+            log(f"[{i}/{len(scenarios)}] {sc.id}" + (" (fresh process)" if opts.isolate else ""))
+            try:
+                if opts.isolate:
+                    rec = run_isolated(sc, opts, rates)
+                else:
+                    rec = run_scenario(sc, opts.trials, opts.warmup, pool, rates, log)
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                log(f"    FAILED: {msg}")
+                failures.append({"id": sc.id, "error": msg})
+                continue
+            records.append(rec)
+            if not opts.isolate:  # an isolated child has printed it already
+                log("    " + progress_line(rec))
+        policy = {
+            "single_model": (
+                f"BLAS capped at {blas} thread(s) by --blas-threads"
+                if blas
+                else "BLAS pool left at threadpoolctl's default; the model picks per-call limits"
+            ),
+            "parallel_threads": "BLAS capped at 1 thread process-wide while T threads run",
+            "parallel_processes": "each worker process: BLAS 1 thread, NUMBA_NUM_THREADS=1",
+        }
+        scope = "scenario" if reset_peak_rss() else "process"
+        extra: dict[str, Any] = {
+            "prime_ns": prime_ns,
+            "settle_s": SETTLE_S,
+            "train_config_overrides": dict(workloads.TRAIN_OPTIONS),
+            "isolation": (
+                "each scenario in a fresh interpreter (python -m nn_core.bench --scenario ID)"
+                if opts.isolate
+                else "all scenarios in this process, in suite order"
+            ),
+            "peak_rss_scope": scope,
+        }
+        if pool is not None:
+            extra["process_pool"] = {"workers": pool.size, "start_method": pool.start_method}
+        elif pool_error:
+            extra["process_pool"] = {"error": pool_error}
+        if rates is not None:
+            extra.update(rates.to_metadata())
+        if failures:
+            extra["failed_scenarios"] = failures
+        meta = md.collect(
+            seed=SEED,
+            n_trials=opts.trials,
+            n_warmup=opts.warmup,
+            blas_thread_policy=policy,
+            extra=extra,
+        )
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+        if pool is not None:
+            pool.close()
+    return {"metadata": meta, "scenarios": records}, failures
+
+
+def run_isolated(sc: Scenario, opts: RunOptions, rates: FloorRates | None) -> dict[str, Any]:
+    """Run one scenario in a fresh ``python -m nn_core.bench`` and return its record.
+
+    The child reuses this run's floor rates (passed as a JSON file), primes itself and,
+    for the parallel axis, starts its own process pool. Its progress goes to stderr.
+    """
+    cmd = [sys.executable, "-m", "nn_core.bench", "--scenario", sc.id]
+    cmd += ["--trials", str(opts.trials), "--warmup", str(opts.warmup)]
+    if opts.blas_threads:
+        cmd += ["--blas-threads", str(opts.blas_threads)]
+    for key, value in opts.train_options.items():
+        cmd += ["--train-option", f"{key}={json.dumps(value)}"]
+    with tempfile.TemporaryDirectory(prefix="nn_core_bench_") as tmp:
+        if rates is None:
+            cmd.append("--no-floor")
+        else:
+            rates_file = os.path.join(tmp, "floor.json")
+            with open(rates_file, "w") as f:
+                json.dump(rates.to_json(), f)
+            cmd += ["--floor-rates", rates_file]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"isolated run exited {proc.returncode} without JSON") from exc
+    failed = doc.get("metadata", {}).get("failed_scenarios")
+    if failed:
+        raise RuntimeError(failed[0]["error"])
+    (rec,) = doc["scenarios"]
+    child = doc["metadata"]
+    rec["params"]["isolated_process"] = {
+        k: child[k] for k in ("prime_ns", "process_pool") if k in child
+    }
+    return rec
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def progress_line(rec: dict[str, Any]) -> str:
+    parts = [f"median {fmt_ns(rec['median_ns'])}", f"cpu {fmt_ns(rec['cpu_median_ns'])}"]
+    ratio = rec["derived"].get("floor_ratio")
+    if ratio is not None:
+        parts.append(f"floor x{ratio:.1f}")
+    if "executor" in rec["params"]:
+        parts.append(f"executor {rec['params']['executor']}")
+    parts.append(f"peak RSS {rec['memory']['peak_rss_bytes'] / 2**20:.1f} MiB")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nn_core.bench",
+        description="nn-core benchmark: the suite's 22 scenarios (SPEC.md section 6) as JSON.",
+    )
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="timed trials (10)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="warm-up runs (3)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        metavar="GLOB",
+        help="run the scenarios whose id matches (fnmatch; repeatable; extras too)",
+    )
+    p.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
+    p.add_argument("--list", action="store_true", help="list the scenario ids and exit")
+    p.add_argument(
+        "--summary",
+        nargs="+",
+        metavar="JSON",
+        help="print a markdown table of medians (ratios against the first file) and exit",
+    )
+    p.add_argument(
+        "--gemm-size",
+        type=int,
+        default=DEFAULT_GEMM_SIZE,
+        help="n of the n^3 GEMM measured for the floor (1024)",
+    )
+    p.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=DEFAULT_BANDWIDTH_MIB,
+        help="working set of the large copy-bandwidth probe in MiB (256)",
+    )
+    p.add_argument("--no-floor", action="store_true", help="skip the GEMM/bandwidth probes")
+    p.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="cap BLAS threads for the whole run (default: leave the library default)",
+    )
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each scenario in a fresh interpreter: per-scenario peak RSS and imports "
+        "(the floor is measured once, here)",
+    )
+    p.add_argument("--floor-rates", metavar="JSON", help=argparse.SUPPRESS)  # isolated child
+    p.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field of every trainer (repeatable; VALUE is JSON "
+        "or a plain string), e.g. --train-option kernels=numba",
+    )
+    return p
+
+
+def parse_train_options(items: list[str]) -> dict[str, Any]:
+    """['kernels=numba', 'grad_clip=1.0'] -> {'kernels': 'numba', 'grad_clip': 1.0}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--train-option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m nn_core.bench`` and ``nn-core bench``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    err: TextIO = sys.stderr
+
+    if args.summary:
+        from .summary import summarize
+
+        try:
+            print(summarize(args.summary))
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=err)
+            return 1
+        return 0
+    for name in ("trials", "warmup", "gemm_size", "bandwidth_mib"):
+        low = 0 if name == "warmup" else 1
+        if getattr(args, name) < low:
+            print(f"error: --{name.replace('_', '-')} must be >= {low}", file=err)
+            return 2
+    if args.blas_threads is not None and args.blas_threads < 1:
+        print("error: --blas-threads must be >= 1", file=err)
+        return 2
+    try:
+        scenarios = select(args.scenario)
+        train_options = parse_train_options(args.train_option)
+        rates = None
+        if args.floor_rates:
+            with open(args.floor_rates) as f:
+                rates = FloorRates.from_json(json.load(f))
+        if train_options:
+            from ..train import TrainConfig
+
+            TrainConfig(**train_options)  # validate up front: unknown field / bad value
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    if args.list:
+        for sc in scenarios if args.scenario else [*scenarios, *_extras()]:
+            print(f"{sc.id}\t{sc.axis}")
+        return 0
+
+    def log(msg: str) -> None:
+        print(msg, file=err, flush=True)
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(err):  # stray prints must not corrupt the JSON
+        opts = RunOptions(
+            trials=args.trials,
+            warmup=args.warmup,
+            gemm_size=args.gemm_size,
+            bandwidth_bytes=args.bandwidth_mib << 20,
+            floor=not args.no_floor,
+            blas_threads=args.blas_threads,
+            train_options=train_options,
+            isolate=args.isolate,
+            floor_rates=rates,
+        )
+        doc, failures = run_benchmark(scenarios, opts, log)
+    text = json.dumps(doc, indent=1, allow_nan=False)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        log(f"wrote {args.out}")
+    else:
+        real_stdout.write(text + "\n")
+        real_stdout.flush()
+    if failures:
+        log(f"{len(failures)} scenario(s) failed: {', '.join(f['id'] for f in failures)}")
+        return 1
+    return 0
+
+
+def _extras() -> list[Scenario]:
+    from .scenarios import EXTRAS
+
+    return list(EXTRAS.values())

@@ -1,0 +1,278 @@
+"""Scenario -> timed operation. Everything here is set up untimed; only ``run`` is timed.
+
+Shape legend: B batch, S sequence, H hidden_dim, V vocab_size, T parallel instances.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ..config import Config
+from .harness import Workload, numerical_stats, traced_alloc_bytes
+from .pool import PoolTask, ProcessPool
+from .scenarios import SEED, Scenario, make_inputs
+
+# ---------------------------------------------------------------------------- builders
+
+# TrainConfig fields the run overrides (CLI --train-option, e.g. kernels="numba"); the
+# runner sets them before any trainer is built and hands them to the pool's workers.
+TRAIN_OPTIONS: dict[str, Any] = {}
+
+
+def make_model(cfg: Config) -> Any:
+    """nn_core.MoETransformer(cfg, seed=42), float32."""
+    from ..model import MoETransformer
+
+    return MoETransformer(cfg, seed=SEED, dtype=np.float32)
+
+
+def make_trainer(model: Any, batch: int, seq: int) -> Any:
+    """Trainer(model, TrainConfig(batch_size=B, seq_len=S, **TRAIN_OPTIONS)); SPEC defaults
+    otherwise."""
+    from ..train import TrainConfig, Trainer
+
+    return Trainer(model, TrainConfig(batch_size=batch, seq_len=seq, **TRAIN_OPTIONS))
+
+
+def model_op(kind: str, cfg: Config, batch: int, seq: int) -> Callable[[], Any]:
+    """A zero-argument callable: one forward (logits) or one train step (its metrics dict)."""
+    ids, targets = make_inputs(batch, seq, cfg.vocab_size)  # [B, S] int64
+    model = make_model(cfg)
+    if kind in ("forward", "parallel_forward"):
+        return lambda: model.forward(ids)
+    if kind in ("train", "parallel_train"):
+        trainer = make_trainer(model, batch, seq)
+        return lambda: trainer.train_step(ids, targets)
+    raise ValueError(f"model_op kind must be forward or train, got {kind!r}")
+
+
+def config_of(sc: Scenario) -> Config:
+    return Config.preset(str(sc.params.get("config", "tiny")))
+
+
+# ---------------------------------------------------------------------------- single model
+
+
+class CallWorkload(Workload):
+    """One call of a prepared zero-argument function per run."""
+
+    def __init__(self, fn: Callable[[], Any], info: dict[str, Any] | None = None):
+        super().__init__()
+        self.fn = fn
+        self.info = dict(info or {})
+
+    def run(self) -> Any:
+        return self.fn()
+
+
+def cold_op(cfg: Config, batch: int, seq: int) -> Callable[[], Any]:
+    """dispatch_cold: build the model (init of every weight) and run its first forward."""
+    from ..model import MoETransformer
+
+    ids, _ = make_inputs(batch, seq, cfg.vocab_size)
+
+    def build_and_forward() -> Any:
+        return MoETransformer(cfg, seed=SEED, dtype=np.float32).forward(ids)
+
+    return build_and_forward
+
+
+# ---------------------------------------------------------------------------- kernels
+
+# kernel -> (module, function) of the package, tried in order
+KERNEL_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
+    "matmul": [("nn_core.layers", "linear_forward")],  # Y = X @ W^T
+    "softmax": [("nn_core.tensor", "softmax")],
+    "rmsnorm": [("nn_core.layers", "rmsnorm_forward")],
+}
+
+
+def _find_kernel(kernel: str) -> tuple[str, Callable[..., Any]] | None:
+    for module, name in KERNEL_FUNCTIONS[kernel]:
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        return f"{module}.{name}", fn
+    return None
+
+
+class KernelWorkload(Workload):
+    """``repeats_per_trial`` calls of a package kernel per run; reported per call."""
+
+    def __init__(self, sc: Scenario):
+        super().__init__()
+        p = sc.params
+        kernel = str(p["kernel"])
+        self.repeats = int(p.get("repeats_per_trial", 1))
+        rng = np.random.default_rng(SEED)
+        found = _find_kernel(kernel)
+        if kernel == "matmul":  # C = A @ B^T, A [m, k], B [n, k]
+            a = rng.standard_normal((p["m"], p["k"]), dtype=np.float32)
+            b = rng.standard_normal((p["n"], p["k"]), dtype=np.float32)
+            ref: Callable[[], Any] = lambda: a @ b.T  # noqa: E731
+            call = (lambda: found[1](a, b)) if found else ref
+        elif kernel == "softmax":  # x [n]
+            x = rng.standard_normal(p["n"], dtype=np.float32)
+            call = (lambda: found[1](x)) if found else (lambda: _np_softmax(x))
+        elif kernel == "rmsnorm":  # x [2, 32, 64] viewed as rows [N, H]
+            shape = tuple(p["shape"])
+            x = rng.standard_normal(shape, dtype=np.float32).reshape(-1, shape[-1])
+            gain = np.ones(shape[-1], dtype=np.float32)
+            call = (lambda: found[1](x, gain, 1e-6)) if found else (lambda: _np_rmsnorm(x, gain))
+            self.info["input_view"] = f"rows [{x.shape[0]}, {x.shape[1]}] (N, H)"
+        else:
+            raise ValueError(f"unknown kernel {kernel!r}")
+        self.call = call
+        self.info["function"] = found[0] if found else "numpy reference (no package kernel found)"
+
+    def run(self) -> Any:
+        call = self.call
+        out = None
+        for _ in range(self.repeats):
+            out = call()
+        return out
+
+    def run_once(self) -> Any:
+        return self.call()
+
+    def numerics(self, last_output: Any) -> dict[str, Any]:
+        if isinstance(last_output, tuple):  # (out, cache) of a forward/backward pair
+            last_output = last_output[0]
+        return numerical_stats(last_output)
+
+
+def _np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _np_rmsnorm(x: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6) * gain
+
+
+# ---------------------------------------------------------------------------- parallel axis
+
+
+def threads_unsafe_reason() -> str | None:
+    """Why T Python threads must not run the model concurrently here, or None."""
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    if parallel is not None and getattr(parallel, "_is_initialized", False):
+        import numba
+
+        if numba.threading_layer() == "workqueue":
+            return "Numba's workqueue threading layer aborts on concurrent parallel launches"
+    return None
+
+
+class ThreadParallelWorkload(Workload):
+    """T independent models in this process, one op each on a pool of T threads.
+
+    BLAS is capped at one thread process-wide for the scenario (threadpoolctl), so
+    T threads use at most T cores for BLAS work; the GIL serializes the rest.
+    """
+
+    def __init__(self, sc: Scenario):
+        super().__init__()
+        p = sc.params
+        self.t = int(p["thread_count"])
+        cfg = config_of(sc)
+        self.limits = threadpool_limits(limits=1, user_api="blas")
+        try:
+            self.ops = [model_op(sc.kind, cfg, p["batch"], p["seq"]) for _ in range(self.t)]
+            self.pool = ThreadPoolExecutor(max_workers=self.t, thread_name_prefix="bench")
+            self.run()  # start the T threads (untimed; warm-ups follow anyway)
+        except BaseException:
+            self.limits.restore_original_limits()
+            raise
+        self.info = {"executor": "threads", "blas_threads_per_worker": 1}
+
+    def run(self) -> Any:
+        futures = [self.pool.submit(op) for op in self.ops]
+        return [f.result() for f in futures]
+
+    def alloc_bytes(self) -> int:
+        return traced_alloc_bytes(self.run)  # all T concurrently: tracemalloc sees every thread
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.limits.restore_original_limits()
+
+
+class ProcessParallelWorkload(Workload):
+    """T independent models in T worker processes of the run's pool, one op each."""
+
+    def __init__(self, sc: Scenario, pool: ProcessPool):
+        super().__init__()
+        p = sc.params
+        self.t = int(p["thread_count"])
+        if self.t > pool.size:
+            raise ValueError(f"thread_count {self.t} > process pool size {pool.size}")
+        kind = "forward" if sc.kind == "parallel_forward" else "train"
+        self.key = PoolTask(kind, str(p.get("config", "tiny")), p["batch"], p["seq"]).key
+        if self.key in pool.task_errors:
+            raise RuntimeError(f"worker could not build {self.key}: {pool.task_errors[self.key]}")
+        self.pool = pool
+        self.processes = self.t
+        self.pool.call(self.t, "reset_rss")
+        self._last: list[tuple[int, int, int]] = []
+        self.info = {
+            "executor": "processes",
+            "start_method": pool.start_method,
+            "blas_threads_per_worker": 1,
+            "cpu_time_source": "parent getrusage(RUSAGE_SELF) + each worker's own getrusage",
+        }
+
+    def run(self) -> Any:
+        self._last = self.pool.run(self.key, self.t)
+        return None  # outputs stay in the workers
+
+    def extra_cpu_ns(self) -> int:
+        return sum(r[0] for r in self._last)
+
+    def extra_gc(self) -> tuple[int, int]:
+        return sum(r[1] for r in self._last), sum(r[2] for r in self._last)
+
+    def alloc_bytes(self) -> int:
+        return int(sum(self.pool.call(self.t, "alloc", self.key)))  # concurrent, summed
+
+    def numerics(self, last_output: Any) -> dict[str, Any]:
+        stats = self.pool.call(self.t, "numerics", self.key)
+        return {
+            "nan_count": sum(s["nan_count"] for s in stats),
+            "inf_count": sum(s["inf_count"] for s in stats),
+            "max_abs": max(s["max_abs"] for s in stats),
+        }
+
+    def close(self) -> None:
+        self.info["worker_peak_rss_bytes"] = self.pool.call(self.t, "rss")
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+
+def build(sc: Scenario, context: Any = None) -> Workload:
+    """The workload of a non-parallel scenario (parallel ones: see the runner)."""
+    p = sc.params
+    if sc.kind == "custom":
+        if sc.factory is None:
+            raise ValueError(f"custom scenario {sc.id} has no factory")
+        return sc.factory(sc, context)
+    if sc.kind == "kernel":
+        return KernelWorkload(sc)
+    cfg = config_of(sc)
+    if sc.kind in ("forward", "train"):
+        return CallWorkload(model_op(sc.kind, cfg, p["batch"], p["seq"]))
+    if sc.kind == "cold":
+        return CallWorkload(
+            cold_op(cfg, p["batch"], p["seq"]),
+            {"timed": "MoETransformer(config, seed=42) construction + first forward"},
+        )
+    raise ValueError(f"scenario {sc.id}: kind {sc.kind!r} is not built here")
