@@ -47,11 +47,11 @@ class SerialExecutor(Executor):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory whose ``latest`` is a checkpoint after 4 updates on byte text."""
+    """A run directory whose ``latest`` is a checkpoint after 12 updates on byte text."""
     ids = ByteTokenizer().encode(default_corpus()[:4000])
     cfg = TrainConfig(batch_size=2, seq_len=16, lr=3e-3, warmup_steps=1, total_steps=20)
     trainer = Trainer(MoETransformer(TINY, seed=9), cfg)
-    for s in range(4):
+    for s in range(12):
         window = ids[np.array([100 * s, 100 * s + 2000])[:, None] + np.arange(17)]  # [2, 17]
         trainer.train_step(window[:, :-1], window[:, 1:])
     out = tmp_path_factory.mktemp("run")

@@ -24,7 +24,7 @@ from .layers import embedding_backward, embedding_forward, rmsnorm_backward, rms
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .moe import BlockCache, BlockWeights, MoEWeights, aux_loss, block_backward, block_forward
 from .params import ParamStore
-from .tensor import check_dtype, kaiming_normal
+from .tensor import check_dtype, kaiming_normal_
 
 
 class LossTerms(NamedTuple):
@@ -113,7 +113,10 @@ class MoETransformer:
         rng = np.random.default_rng(seed)
         for name, shape, fan_in in specs:  # Kaiming/He init, gains 1, in buffer order
             view = self.store.params[name]
-            view[...] = 1 if fan_in is None else kaiming_normal(rng, shape, fan_in, self.dtype)
+            if fan_in is None:
+                view[...] = 1  # RMSNorm gains start at 1
+            else:
+                kaiming_normal_(rng, view, fan_in)
         self.rope = build_rope(
             config.rope_theta,
             config.head_dim,
