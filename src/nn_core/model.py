@@ -111,7 +111,7 @@ class MoETransformer:
         specs = parameter_specs(config)
         self.store = ParamStore([(name, shape) for name, shape, _ in specs], self.dtype)
         rng = np.random.default_rng(seed)
-        for name, shape, fan_in in specs:  # Kaiming/He init, gains 1, in buffer order
+        for name, _, fan_in in specs:  # Kaiming/He init, gains 1, in buffer order
             view = self.store.params[name]
             if fan_in is None:
                 view[...] = 1  # RMSNorm gains start at 1
