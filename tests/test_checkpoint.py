@@ -399,3 +399,18 @@ def test_tensor_files_are_safetensors_not_pickle(saved: Path) -> None:
         assert header["__metadata__"]["format"] == "nn-core"
         assert not raw.startswith(b"\x80")  # a pickle stream starts with PROTO 0x80
     assert os.listdir(saved) and all(p.suffix in (".safetensors", ".json") for p in saved.iterdir())
+
+
+def test_checkpoint_files_get_the_umask_default_mode(tmp_path):
+    """Temporary files and dirs start 0600/0700; what lands must be as readable as mkdir's."""
+    import stat
+
+    from nn_core import Config, MoETransformer
+    from nn_core.checkpoint import save_model
+
+    umask = os.umask(0o022)
+    try:
+        out = save_model(MoETransformer(Config.tiny(), seed=0), tmp_path / "model")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -151,6 +151,34 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _chmod_default(path: Path, mode: int) -> None:
+    """Give ``path`` the mode a plain mkdir/open would: ``mode`` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def atomic_write_file(target: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temp file beside ``target``; fsync, rename over it, fsync the dir.
+
+    A crash leaves either the old file or the new one, never half a file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _chmod_default(tmp, 0o666)  # mkstemp makes 0600
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
 def _atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create directory ``target`` atomically: ``fill`` writes into a temp dir beside it,
     which is fsynced and renamed into place; the parent is fsynced after the rename.
@@ -162,6 +190,7 @@ def _atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}", dir=parent))
     try:
+        _chmod_default(tmp, 0o777)  # mkdtemp makes 0700; a checkpoint gets the umask's mode
         fill(tmp)
         _fsync_dir(tmp)
         _fault_point("before_rename")
@@ -194,6 +223,7 @@ def update_latest(run_dir: PathLike, name: str) -> None:
             f.write(name + "\n")
             f.flush()
             os.fsync(f.fileno())
+        _chmod_default(Path(tmp_name), 0o666)  # mkstemp makes 0600
         _fault_point("before_latest")
         os.replace(tmp_name, run / LATEST_FILE)
     except BaseException:

@@ -28,19 +28,15 @@ every shape and dtype as the config needs) plus one more: every value finite.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .checkpoint import (
-    _fsync_dir,
-    _fsync_file,
+    atomic_write_file,
     load_model,
     load_verified_tensors,
     save_model,
@@ -87,26 +83,6 @@ def weights_metadata(model: MoETransformer) -> dict[str, str]:
     }
 
 
-def _atomic_write_file(target: Path, write: Callable[[Path], None]) -> None:
-    """``write`` fills a temp file beside ``target``; fsync, rename over it, fsync the dir.
-
-    A crash leaves either the old file or the new one, never half a file.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
-
-
 def export_weights(checkpoint: PathLike, out_file: PathLike) -> Path:
     """Write the weights of a checkpoint as one .safetensors file; returns its path.
 
@@ -121,7 +97,7 @@ def export_weights(checkpoint: PathLike, out_file: PathLike) -> Path:
     if out.is_dir():
         raise InputError(f"out_file {out} is a directory; give a file name, e.g. model.safetensors")
     tensors = {name: np.ascontiguousarray(p) for name, p in model.parameters().items()}
-    _atomic_write_file(out, lambda tmp: save_file(tensors, str(tmp), weights_metadata(model)))
+    atomic_write_file(out, lambda tmp: save_file(tensors, str(tmp), weights_metadata(model)))
     return out
 
 

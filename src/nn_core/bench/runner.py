@@ -405,6 +405,9 @@ def run_benchmark(
 def _run_benchmark(
     scenarios: list[Scenario], opts: RunOptions, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    from ..runtime import tune_malloc
+
+    malloc_tuned = tune_malloc()  # before the pool forks, so the workers inherit it
     n_workers, tasks = pool_tasks(scenarios)
     pool = None
     pool_error = None
@@ -471,6 +474,11 @@ def _run_benchmark(
                 else "all scenarios in this process, in suite order"
             ),
             "peak_rss_scope": scope,
+            "malloc": (
+                "glibc mallopt: mmap threshold 64 MiB, trim threshold 256 MiB (nn_core.runtime)"
+                if malloc_tuned
+                else "allocator defaults"
+            ),
         }
         if pool is not None:
             extra["process_pool"] = {"workers": pool.size, "start_method": pool.start_method}
