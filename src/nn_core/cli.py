@@ -845,6 +845,107 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export / import / evaluate (nn_core.interop, nn_core.batch) -------------------------
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's weights as one .safetensors file (PyTorch can load it)",
+        description="Export weights with the documented names and the config in the "
+        "safetensors metadata (key nn_core_config).",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="run directory (uses its latest) or checkpoint dir"
+    )
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .interop import export_weights
+
+    out = export_weights(args.checkpoint, args.out)
+    _say(f"wrote {out} ({_human(out.stat().st_size)}B)")
+    return 0
+
+
+def _add_import(sub: Any) -> None:
+    p = sub.add_parser(
+        "import",
+        help="turn a .safetensors weights file into an nn-core model directory",
+        description="Verify a weights file (names, shapes, dtypes, finite values, config) "
+        "and write a model directory that generate / evaluate / MoETransformer.load read.",
+    )
+    p.add_argument("file", help="weights file (.safetensors)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument(
+        "--config",
+        help="preset or .toml/.json config, for a file without nn_core_config metadata "
+        "(if the file has one, they must agree)",
+    )
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE")
+    p.set_defaults(run=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from .interop import import_weights
+
+    if args.set and args.config is None:
+        raise UsageError("--set applies to --config; give --config too")
+    config = None if args.config is None else resolve_configs(args.config, args.set or [])[0]
+    out = import_weights(args.file, args.out, config=config)
+    _say(f"wrote model directory {out}")
+    return 0
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="loss and perplexity of a checkpoint on a text file (parallel)",
+        description="Mean cross-entropy over non-overlapping windows of a UTF-8 file "
+        "(byte tokens), spread over local worker processes or a Dask cluster.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="run directory (uses its latest) or checkpoint dir"
+    )
+    p.add_argument("--data", required=True, help="UTF-8 text file")
+    p.add_argument("--seq-len", type=_pos_int, default=64, help="window length (default 64)")
+    p.add_argument("--batch-size", type=_pos_int, default=16, help="windows per work unit")
+    p.add_argument("--max-batches", type=_pos_int, help="at most this many (evenly spread)")
+    p.add_argument("--workers", type=_pos_int, default=2, help="local processes (default 2)")
+    p.add_argument(
+        "--scheduler", help="Dask scheduler address (tcp://host:8786) instead of local processes"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .batch import evaluate_file
+
+    kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches)
+    if args.scheduler is None:
+        result = evaluate_file(args.checkpoint, args.data, workers=args.workers, **kwargs)
+    else:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise UsageError("--scheduler needs Dask: pip install 'nn-core[distributed]'") from None
+        with Client(args.scheduler) as client:
+            result = evaluate_file(
+                args.checkpoint, args.data, executor=client.get_executor(), **kwargs
+            )
+    if args.json:
+        _say(json.dumps(result))
+    else:
+        _say(
+            f"loss {result['loss']:.4f} nats/token  perplexity {result['perplexity']:.2f}  "
+            f"({result['tokens']:,} tokens, {result['batches']} batches)"
+        )
+    return 0
+
+
 # ---- info --------------------------------------------------------------------------------
 
 
@@ -990,7 +1091,14 @@ FORWARDED: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     ),
 }
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_generate, _add_info]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_train,
+    _add_generate,
+    _add_evaluate,
+    _add_export,
+    _add_import,
+    _add_info,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
