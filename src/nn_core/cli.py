@@ -1,4 +1,5 @@
-"""The ``nn-core`` command line: train, generate, bench, convergence, info.
+"""The ``nn-core`` command line: train, generate, evaluate, export, import, info, bench,
+convergence.
 
     nn-core train                        tiny config on the default corpus, a few minutes
     nn-core train --data FILE --config small --set lr=1e-3 --steps 5000 --out DIR
@@ -8,6 +9,9 @@
     nn-core generate --checkpoint DIR --prompt TEXT [--strategy top_k --temperature 0.8]
     nn-core bench [ARGS...]              the benchmark harness (python -m nn_core.bench)
     nn-core convergence [ARGS...]        the suite's convergence check
+    nn-core evaluate --checkpoint DIR --data FILE [--scheduler tcp://HOST:8786]
+    nn-core export --checkpoint DIR --out FILE.safetensors   (weights PyTorch can load)
+    nn-core import FILE.safetensors --out DIR
     nn-core info [--config NAME|FILE | --checkpoint DIR]
 
 Exit status: 0 success, 1 runtime error (missing or corrupt checkpoint, missing or
