@@ -11,13 +11,38 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
+_C = TypeVar("_C", bound="DictConfig")
+
+
+class DictConfig:
+    """to_dict / from_dict / replace for a frozen config dataclass (validated on construction)."""
+
+    KIND = "config"  # how errors name this kind of config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        """Build from a mapping; unknown keys are an error, missing keys take defaults."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.KIND} must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.KIND} field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self: _C, **changes: Any) -> _C:
+        return self.from_dict({**self.to_dict(), **changes})
+
 
 @dataclass(frozen=True)
-class Config:
+class Config(DictConfig):
     hidden_dim: int = 64  # H: width of the residual stream
     n_layers: int = 2  # number of TransformerBlocks
     n_heads: int = 4  # nH: query heads
@@ -117,24 +142,6 @@ class Config:
                 f"config preset must be one of {', '.join(cls.PRESETS)}, got {name!r}"
             )
         return getattr(cls, name)()
-
-    # ---- serialization -----------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build from a mapping; unknown keys are an error, missing keys take defaults."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> Config:
-        return self.from_dict({**self.to_dict(), **changes})
 
     # ---- derived sizes ----------------------------------------------------------
     @property

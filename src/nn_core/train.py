@@ -18,7 +18,6 @@ tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .config import Config
+from .config import Config, DictConfig
 from .errors import CheckpointError, ConfigError, InputError, NonFiniteError
 
 if TYPE_CHECKING:
@@ -50,8 +49,10 @@ Batch = tuple[np.ndarray, np.ndarray]  # (token_ids [B, S], targets [B, S])
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Training hyper-parameters; SPEC.md section 3 defaults. Validated on construction."""
+
+    KIND = "train config"  # how errors name it (not a field: no annotation)
 
     batch_size: int = 4  # B: rows per batch (for the data pipeline; train_step takes any B)
     seq_len: int = 2048  # S: tokens per row (likewise)
@@ -115,23 +116,6 @@ class TrainConfig:
             raise ConfigError(
                 f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys are an error, missing keys take defaults."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"train config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown train config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return self.from_dict({**self.to_dict(), **changes})
 
 
 # ---- LR schedule -----------------------------------------------------------------------
