@@ -14,6 +14,7 @@ from nn_core.sampling import (
     Temperature,
     TopK,
     TopP,
+    check_logits,
     make_strategy,
     softmax64,
 )
@@ -197,6 +198,34 @@ def test_nan_in_one_row_of_a_batch_raises():
         TopK(2).pick_tokens(x, _rng())
     with pytest.raises(InputError, match=re.escape("[B, V]")):
         Greedy().pick_tokens(x[0])
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "match"),
+    [
+        ([0.0, np.nan, -np.inf], "NaN"),
+        ([0.0, np.inf, 1.0], r"\+inf"),
+        ([-np.inf, -np.inf, -np.inf], "entirely -inf"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_non_finite_problem_in_a_batch_is_named(bad_row, match, dtype):
+    x = np.zeros((3, 3), dtype=dtype)
+    x[0, 0] = -np.inf  # allowed: a masked token
+    x[2] = bad_row
+    for strategy in (Greedy(), TopP(0.9)):
+        with pytest.raises(InputError, match=match):
+            strategy.pick_tokens(x, _rng())
+
+
+def test_float_logits_are_checked_without_a_copy():
+    x = _logits(4, 30)  # float32
+    assert check_logits(x, ndim=2) is x  # greedy reads them as they are
+    assert Greedy().pick_tokens(x).tolist() == np.argmax(x.astype(np.float64), axis=1).tolist()
+    ints = check_logits(np.array([[1, 5, 2]]), ndim=2)
+    assert ints.dtype == np.float64 and ints.tolist() == [[1.0, 5.0, 2.0]]
+    with pytest.raises(InputError, match="real-valued"):
+        check_logits(np.array([[True, False]]), ndim=2)
 
 
 def test_stochastic_strategy_requires_a_generator():

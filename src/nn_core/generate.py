@@ -5,7 +5,9 @@ T = P + G, V vocab_size (V' = vocab_limit when the logits are cut to it).
 
 One decoding loop, ``decode``, serves every entry point. It prefills the prompt
 once with ``model.forward_cached`` (keys and values of all P positions go into a
-``KVCache``), then feeds one token per step; ``cached=False`` instead re-runs
+``KVCache``), then feeds one token per row per step through
+``nn_core.decode.decode_step`` (the same model, in far fewer NumPy calls; ids a
+sampler picked are not re-validated); ``cached=False`` instead re-runs
 ``model.forward`` on the whole sequence every step (the sibling implementations'
 method; used by tests and the decoding benchmark). Each step the strategy picks a
 token from the logits of the last position (``SamplingStrategy.pick_tokens``).
@@ -45,6 +47,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .decode import decode_step
 from .errors import ConfigError, InputError
 from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP
 
@@ -196,7 +199,7 @@ def decode(
 
     Everything is validated before the first model call (this function is not a
     generator itself; it returns one). ``cached=True`` prefills a KVCache once and
-    then runs ``forward_cached`` on one token per row per step; ``cached=False`` runs
+    then runs ``decode_step`` on one token per row per step; ``cached=False`` runs
     ``forward`` on the whole sequence [B, P + g] at step g.
     """
     _check_model(model)
@@ -238,7 +241,8 @@ def _cached_steps(
         tokens = _pick(logits, strategy, rng)  # [B]
         yield DecodeStep(tokens, logits)
         if g + 1 < n_new:
-            logits = model.forward_cached(tokens[:, None], cache)[:, -1, :limit]  # [B, V']
+            # a sampler's picks are in [0, V') by construction: no re-validation
+            logits = decode_step(model, tokens, cache, check_ids=False)[:, :limit]  # [B, V']
 
 
 def _uncached_steps(

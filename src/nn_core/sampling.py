@@ -37,27 +37,39 @@ STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p")
 # ---- small pure functions on [B, V] float64 logits -------------------------------------
 
 
-def check_logits(logits: ArrayLike, ndim: int) -> NDArray[np.float64]:
-    """Validate logits ([V] when ndim=1, [B, V] when ndim=2) and return them as float64."""
+def check_logits(logits: ArrayLike, ndim: int) -> NDArray[np.floating]:
+    """Validate logits ([V] when ndim=1, [B, V] when ndim=2); return them as a float array.
+
+    Float logits come back as they are (no copy: greedy needs no float64); integer
+    logits as float64. The values cost one reduction to check: every row's max is
+    finite exactly when there is no NaN (it propagates into the max), no +inf, and no
+    row that is entirely -inf. Only a failing check pays for naming the problem.
+    """
     arr = np.asarray(logits)
     want = "[V]" if ndim == 1 else "[B, V]"
     if arr.ndim != ndim:
         raise InputError(f"logits must be {ndim}-D {want}, got shape {arr.shape}")
     if arr.size == 0:
         raise InputError(f"logits must be non-empty {want}, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InputError(f"logits must be a real-valued array, got dtype {arr.dtype}")
-    x = arr.astype(np.float64, copy=False)  # [B, V] or [V]
+    if arr.dtype.kind != "f":
+        if arr.dtype.kind not in "iu":
+            raise InputError(f"logits must be a real-valued array, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64)
+    if not np.isfinite(arr.max(axis=-1)).all():
+        _raise_non_finite(arr)
+    return arr
+
+
+def _raise_non_finite(x: NDArray[np.floating]) -> None:
+    """The specific error for logits whose row maxima are not all finite."""
     if np.isnan(x).any():
         raise InputError("logits contain NaN; cannot sample from them")
     if np.isposinf(x).any():
         raise InputError("logits contain +inf; cannot sample from them")
-    if np.isneginf(x).all(axis=-1).any():
-        raise InputError("a logits row is entirely -inf: no token has nonzero probability")
-    return x
+    raise InputError("a logits row is entirely -inf: no token has nonzero probability")
 
 
-def sample_argmax(logits: NDArray[np.float64]) -> NDArray[np.int64]:
+def sample_argmax(logits: NDArray[np.floating]) -> NDArray[np.int64]:
     """Greedy: [B, V] -> [B], the highest logit (lowest id on ties)."""
     return np.argmax(logits, axis=-1).astype(np.int64)
 
@@ -140,13 +152,13 @@ class SamplingStrategy:
         self, logits: ArrayLike, rng: np.random.Generator | None = None
     ) -> NDArray[np.int64]:
         """Logits [B, V] -> token ids int64 [B]. Draws one uniform per row (row order)."""
-        x = check_logits(logits, ndim=2)  # [B, V] float64
+        x = check_logits(logits, ndim=2)  # [B, V], the logits' own float dtype
         if self.is_greedy:
-            return sample_argmax(x)
+            return sample_argmax(x)  # exact in any float dtype: no float64 copy
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"{self!r} needs an explicit np.random.Generator, got {rng!r}")
         u = rng.random((x.shape[0],))  # [B], one uniform per row, in row order
-        return self._sample(x, u)
+        return self._sample(x.astype(np.float64, copy=False), u)  # probabilities in float64
 
     def pick_token(self, logits: ArrayLike, rng: np.random.Generator | None = None) -> int:
         """Logits [V] -> one token id. Same result as row b of ``pick_tokens``."""
