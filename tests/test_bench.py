@@ -133,7 +133,7 @@ def test_scenario_globs_select_in_suite_order() -> None:
         "mem_train_step",
         "mem_scale_batch_1",
     ]
-    assert "decode_greedy_kv" in [s.id for s in select(["decode_*"])]  # an extra
+    assert "decode_kv_256" in [s.id for s in select(["decode_*"])]  # an extra
     with pytest.raises(ValueError, match="matches no scenario"):
         select(["nope_*"])
 
@@ -241,7 +241,7 @@ def test_summary_table_rows_and_ratios() -> None:
         "| mem_train_step | memory | 1.30 ms | 650.00 us | 0.50x | 4.00 ms | 3.08x |",
         "| kernel_softmax | compiler | 4.60 us | - | - | 4.70 us | 1.02x |",
         "| scale_forward_256 | scale | 7.00 ms | 7.00 ms | 1.00x | - | - |",
-        "| decode_greedy_kv | decoding | - | 31.92 ms | - | - | - |",
+        "| decode_kv_256 | decoding | - | 31.92 ms | - | - | - |",
     ]
     assert lines[7] == "| kernel_rmsnorm | compiler | - | - | - | - | - |"
     assert "- rust (bench_sibling.json): Apple M1, macOS-14.5-arm64" in text
@@ -300,7 +300,7 @@ def _check_types(rec: dict) -> None:
 def test_small_run_json_schema_and_pure_stdout() -> None:
     ids = [
         "kernel_softmax", "kernel_matmul", "dispatch_warm", "dispatch_cold", "mem_train_step",
-        "parallel_T2", "parallel_train_T1",
+        "parallel_T2", "parallel_train_T1", "decode_kv_256",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "nn_core.bench", "--trials", "2", "--warmup", "1"]
     cmd += ["--gemm-size", "128", "--bandwidth-mib", "4"]
@@ -310,7 +310,7 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
-    assert "[1/7] mem_train_step" in proc.stderr  # progress went to stderr, in suite order
+    assert "[1/8] mem_train_step" in proc.stderr  # progress went to stderr, in suite order
 
     meta = doc["metadata"]
     assert meta["language"] == "python" and meta["seed"] == 42
@@ -322,8 +322,10 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     assert meta["gemm"]["gflops_1_thread"] > 0 and meta["gemm"]["gflops_all_threads"] > 0
     assert "blas_thread_policy" in meta
 
+    (extra,) = doc["extras"]  # scenarios outside the suite's 22 have their own key
+    assert extra["id"] == "decode_kv_256" and extra["throughput_tokens_per_sec"] > 0
     recs = {r["id"]: r for r in doc["scenarios"]}
-    assert list(recs) == [s.id for s in select(ids)]
+    assert list(recs) == [s.id for s in select(ids) if s.id != "decode_kv_256"]
     for rec in recs.values():
         _check_types(rec)
         assert len(rec["timings_ns"]) == rec["trial_runs"] == 2

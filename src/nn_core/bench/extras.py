@@ -16,49 +16,45 @@ from .workloads import make_model
 
 
 class GreedyDecodeWorkload(Workload):
-    """Prefill a [B, P] prompt into a fresh KV cache, then G-1 greedy single-token steps.
+    """Greedy generation of G new tokens after a P-token prompt (issue 5's decoding speed).
 
-    One run yields G new tokens per row; throughput counts those B*G tokens.
+    ``cached``: ``nn_core.generate.generate`` (prefill once, then one-token steps on
+    the KV cache); otherwise ``generate_uncached``, which re-runs the whole sequence
+    every step, as the sibling implementations do. Throughput counts the G new tokens.
     """
 
     def __init__(self, sc: Scenario, context: Any = None):
         super().__init__()
         p = sc.params
         cfg = Config.preset(str(p["config"]))
-        self.batch, self.prompt_len, self.new = (
-            int(p["batch"]),
-            int(p["prompt_len"]),
-            int(p["new_tokens"]),
-        )
-        self.prompt, _ = make_inputs(self.batch, self.prompt_len, cfg.vocab_size)  # [B, P]
+        self.prompt_len, self.new = int(p["prompt_len"]), int(p["new_tokens"])
+        prompt, _ = make_inputs(1, self.prompt_len, cfg.vocab_size)  # [1, P]
+        self.prompt = prompt[0]  # [P]
         self.model = make_model(cfg)
-        self.tokens = self.batch * self.new
-        self.info = {"timed": "new_kv_cache + prefill + (G-1) cached single-token forwards"}
+        self.cached = bool(p["cached"])
+        self.tokens = self.new
+        self.info = {"timed": "generate(...) of G new tokens, greedy, batch 1"}
 
     def run(self) -> Any:
-        model = self.model
-        cache = model.new_kv_cache(self.batch, self.prompt_len + self.new)
-        logits = model.forward_cached(self.prompt, cache)  # [B, P, V]
-        out = np.empty((self.batch, self.new), dtype=np.int64)  # [B, G]
-        for g in range(self.new):
-            out[:, g] = np.argmax(logits[:, -1, :], axis=-1)
-            if g + 1 < self.new:
-                logits = model.forward_cached(out[:, g : g + 1], cache)  # [B, 1, V]
-        return logits
+        from ..generate import generate, generate_uncached
+
+        fn = generate if self.cached else generate_uncached
+        return np.asarray(fn(self.model, self.prompt, self.prompt_len + self.new), dtype=float)
 
 
-register_extra(
-    Scenario(
-        "decode_greedy_kv",
-        "decoding",
-        "custom",
-        {
-            "config": "tiny",
-            "workload": "greedy_decode",
-            "batch": 1,
-            "prompt_len": 8,
-            "new_tokens": 32,
-        },
-        factory=GreedyDecodeWorkload,
+for _id, _cached in (("decode_kv_256", True), ("decode_uncached_256", False)):
+    register_extra(
+        Scenario(
+            _id,
+            "decoding",
+            "custom",
+            {
+                "config": "tiny",
+                "workload": "greedy_generate_" + ("kv_cache" if _cached else "rerun_sequence"),
+                "prompt_len": 16,
+                "new_tokens": 256,
+                "cached": _cached,
+            },
+            factory=GreedyDecodeWorkload,
+        )
     )
-)

@@ -48,11 +48,16 @@ def load(path: str) -> dict[str, Any]:
 
 
 def scenario_records(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The scenario objects, whether stored as a list or as a mapping id -> object."""
-    sc = doc.get("scenarios") or []
-    if isinstance(sc, dict):
-        return [{"id": k, **v} for k, v in sc.items() if isinstance(v, dict)]
-    return [r for r in sc if isinstance(r, dict) and "id" in r]
+    """The scenario objects (the suite's, then any extras), whether stored as a list or as
+    a mapping id -> object."""
+    out: list[dict[str, Any]] = []
+    for key in ("scenarios", "extras"):
+        sc = doc.get(key) or []
+        if isinstance(sc, dict):
+            out += [{"id": k, **v} for k, v in sc.items() if isinstance(v, dict)]
+        else:
+            out += [r for r in sc if isinstance(r, dict) and "id" in r]
+    return out
 
 
 def median_of(rec: dict[str, Any]) -> float | None:
