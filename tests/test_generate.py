@@ -9,7 +9,6 @@ from nn_core import Config, MoETransformer
 from nn_core.errors import ConfigError, InputError
 from nn_core.generate import (
     decode,
-    decode_benchmark,
     generate,
     generate_batch,
     generate_greedy,
@@ -281,15 +280,3 @@ def test_non_finite_logits_are_never_sampled_from():
 
 
 # ---- the decoding benchmark ------------------------------------------------------------
-
-
-def test_decode_benchmark_reports_both_speeds_and_their_ratio():
-    result = decode_benchmark(8, prompt_len=4, trials=2, uncached_trials=1, warmup=0)
-    for key in ("cached", "uncached"):
-        assert result[key]["tokens_per_sec"] > 0 and len(result[key]["seconds"]) >= 1
-    assert result["speedup"] == pytest.approx(
-        result["cached"]["tokens_per_sec"] / result["uncached"]["tokens_per_sec"]
-    )
-    assert result["same_tokens"] is True and result["n_new"] == 8
-    with pytest.raises(ConfigError, match="n_new"):
-        decode_benchmark(0)

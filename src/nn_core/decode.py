@@ -40,7 +40,6 @@ sampler, which are in [0, V) by construction, with ``check_ids=False``.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -60,49 +59,18 @@ __all__ = ["decode_step", "step_weights"]
 class StepWeights(NamedTuple):
     """The model's parameters as views into its flat buffer, grouped per layer."""
 
-    flat: np.ndarray  # the buffer they view (a new buffer invalidates them)
     embed: np.ndarray  # [V, H]
     layers: list[BlockWeights]  # per layer; qkv [Q + 2KV, H] is the adjacent Wq|Wk|Wv
     final_norm: np.ndarray  # [H]
     lm_head: np.ndarray  # [V, H]
 
 
-_STEP_WEIGHTS: weakref.WeakKeyDictionary[Any, StepWeights] = weakref.WeakKeyDictionary()
-
-
 def step_weights(model: Any) -> StepWeights:
-    """``model``'s parameter views (views, not copies: training shows through).
-
-    Built from ``model.parameters()`` once per model and reused while the model keeps
-    its flat buffer: regrouping ~10 tensors per layer every step would cost more than
-    a layer's attention.
-    """
-    flat = model.flat_params
-    cached = _STEP_WEIGHTS.get(model)
-    if cached is not None and cached.flat is flat:
-        return cached
-    p = model.parameters()
-    layers = []
-    for i in range(model.config.n_layers):
-        pre = f"layers.{i}."
-        qkv = model.store.span(pre + "attn.q_proj.weight", pre + "attn.v_proj.weight", flat)
-        moe = MoEWeights(
-            *(p[pre + f"moe.{n}.weight"] for n in ("router", "gate_proj", "up_proj", "down_proj"))
-        )
-        layers.append(
-            BlockWeights(
-                attn_norm=p[pre + "attn_norm.weight"],
-                qkv=qkv,
-                o=p[pre + "attn.o_proj.weight"],
-                ffn_norm=p[pre + "ffn_norm.weight"],
-                moe=moe,
-            )
-        )
-    weights = StepWeights(
-        flat, p["embed.weight"], layers, p["final_norm.weight"], p["lm_head.weight"]
+    """``model``'s parameter views (views, not copies: training shows through)."""
+    p = model.store.params
+    return StepWeights(
+        p["embed.weight"], model.layer_weights, p["final_norm.weight"], p["lm_head.weight"]
     )
-    _STEP_WEIGHTS[model] = weights
-    return weights
 
 
 # ---------------------------------------------------------------------------- pieces

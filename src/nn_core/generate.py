@@ -39,8 +39,6 @@ nothing. Sampling draws one uniform per row per step (see nn_core.sampling).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -57,7 +55,6 @@ RngArg = np.random.Generator | Sequence[np.random.Generator] | None  # one, one 
 __all__ = [
     "DecodeStep",
     "decode",
-    "decode_benchmark",
     "generate",
     "generate_batch",
     "generate_greedy",
@@ -468,128 +465,3 @@ def stream(
         model, ids[None, :], max_new_tokens, strategy, seed=seed, rng=rng, vocab_limit=vocab_limit
     )
     return (int(s.tokens[0]) for s in steps)
-
-
-# ---- decoding benchmark ----------------------------------------------------------------
-
-DECODE_TARGET_TOKENS_PER_SEC = 3000.0  # issue 5: cached decoding on tiny, 256 new tokens
-DECODE_TARGET_SPEEDUP = 10.0  # issue 5: cached vs re-running the whole sequence
-
-
-def _time_runs(run: Any, trials: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def decode_benchmark(
-    n_new: int = 256,
-    *,
-    config: Any = "tiny",
-    prompt_len: int = 16,
-    batch_size: int = 1,
-    trials: int = 5,
-    uncached_trials: int = 3,
-    warmup: int = 1,
-    blas_threads: int | None = 1,
-    seed: int = 42,
-) -> dict[str, Any]:
-    """Tokens/s of greedy decoding with and without the KV cache, and their ratio.
-
-    Model: ``config`` (a preset name or a Config), float32, ``seed``. Prompt: SPEC
-    benchmark ids (b * prompt_len + s) mod V, [batch_size, prompt_len]. One timed run
-    is a whole ``decode`` of ``n_new`` tokens per row (KV-cache allocation and prefill
-    included for the cached run); tokens/s = batch_size * n_new / median seconds.
-    ``blas_threads`` caps the BLAS pool during the runs (threadpoolctl; None: leave
-    it). Returns a JSON-ready dict with raw timings, medians, the speedup, whether
-    both methods produced the same tokens, and the issue-5 targets.
-    """
-    from contextlib import nullcontext
-
-    from threadpoolctl import threadpool_limits
-
-    from .config import Config
-    from .model import MoETransformer
-
-    cfg = config if isinstance(config, Config) else Config.preset(str(config))
-    for name, value, low in (
-        ("n_new", n_new, 1),
-        ("prompt_len", prompt_len, 1),
-        ("batch_size", batch_size, 1),
-        ("trials", trials, 1),
-        ("uncached_trials", uncached_trials, 0),
-        ("warmup", warmup, 0),
-    ):
-        if not _is_int(value) or value < low:
-            raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    if prompt_len + n_new > cfg.max_seq_len:
-        raise ConfigError(
-            f"prompt_len + n_new must be <= max_seq_len {cfg.max_seq_len}, "
-            f"got {prompt_len} + {n_new}"
-        )
-    model = MoETransformer(cfg, seed=seed, dtype=np.float32)
-    ids = (np.arange(batch_size * prompt_len) % cfg.vocab_size).reshape(batch_size, -1)  # [B, P]
-    results: dict[str, list[np.ndarray]] = {"cached": [], "uncached": []}
-
-    def runner(cached: bool) -> Any:
-        def run() -> None:
-            steps = decode(model, ids, n_new, Greedy(), cached=cached)
-            results["cached" if cached else "uncached"].append(
-                np.stack([s.tokens for s in steps], axis=1)  # [B, G]
-            )
-
-        return run
-
-    limit = nullcontext() if blas_threads is None else threadpool_limits(blas_threads)
-    with limit:
-        cached_s = _time_runs(runner(True), trials, warmup)
-        uncached_s = _time_runs(runner(False), uncached_trials, 0) if uncached_trials else []
-
-    tokens = batch_size * n_new
-
-    def summary(times: list[float]) -> dict[str, Any]:
-        if not times:
-            return {"seconds": [], "median_s": None, "tokens_per_sec": None}
-        med = statistics.median(times)
-        return {
-            "seconds": times,
-            "median_s": med,
-            "min_s": min(times),
-            "max_s": max(times),
-            "tokens_per_sec": tokens / med,
-            "ms_per_token": 1e3 * med / n_new,
-        }
-
-    cached, uncached = summary(cached_s), summary(uncached_s)
-    fast, slow = cached["tokens_per_sec"], uncached["tokens_per_sec"]
-    speedup = fast / slow if slow else None
-    same = bool(all(np.array_equal(results["cached"][0], u) for u in results["uncached"]))
-    return {
-        "workload": "greedy decoding: prefill the prompt, then one token per step",
-        "config": cfg.to_dict() if isinstance(config, Config) else str(config),
-        "dtype": "float32",
-        "n_new": n_new,
-        "prompt_len": prompt_len,
-        "batch_size": batch_size,
-        "blas_threads": blas_threads,
-        "trials": trials,
-        "uncached_trials": uncached_trials,
-        "warmup": warmup,
-        "cached": cached,
-        "uncached": uncached,
-        "speedup": speedup,
-        "same_tokens": same,
-        "targets": {
-            "cached_tokens_per_sec": DECODE_TARGET_TOKENS_PER_SEC,
-            "speedup": DECODE_TARGET_SPEEDUP,
-        },
-        "meets_targets": {
-            "cached_tokens_per_sec": cached["tokens_per_sec"] >= DECODE_TARGET_TOKENS_PER_SEC,
-            "speedup": None if speedup is None else speedup >= DECODE_TARGET_SPEEDUP,
-        },
-    }

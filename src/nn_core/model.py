@@ -150,6 +150,12 @@ class MoETransformer:
 
     # ---- parameter access ------------------------------------------------------
     @property
+    def layer_weights(self) -> list[BlockWeights]:
+        """Per layer, the parameter views grouped as the block functions take them
+        (``qkv`` is the adjacent Wq|Wk|Wv rows as one [Q + 2KV, H] matrix)."""
+        return self._w
+
+    @property
     def flat_params(self) -> np.ndarray:
         """All parameters, one 1-D buffer."""
         return self.store.flat
