@@ -298,18 +298,25 @@ def test_router_probabilities_and_kept_weights_sum_to_one(rng):
 
 
 def test_aux_loss_is_alpha_under_uniform_routing_and_grows_with_imbalance():
-    e, k, n = 4, 2, 8
-    # uniform: zero router weights -> probs 1/E; ties pick experts (0, 1) for every token,
-    # so build balanced top-k assignments explicitly by choosing logits per token.
-    x = np.eye(n, 4)[:, :4] * 0  # [N, H] zeros
-    routing = router_forward(np.zeros((n, 3)), np.zeros((e, 3)), k)
-    uniform = routing._replace(counts=np.full(e, n * k // e))  # perfectly balanced f_e
-    assert aux_loss(uniform, alpha=0.01) == pytest.approx(0.01, rel=1e-14)
-    # all assignments on experts 0, 1 with probability mass concentrated there: grows
-    probs = np.tile([0.45, 0.45, 0.05, 0.05], (n, 1))
-    skewed = routing._replace(probs=probs, counts=np.array([n, n, 0, 0]))
-    assert aux_loss(skewed, alpha=0.01) > 0.01
-    assert x.shape == (n, 4)
+    e, k = 4, 2
+    # Token t (one-hot input t) prefers experts t, t+1, ... in cyclic order: every expert
+    # is kept by exactly two of the four tokens (f_e = 1/E) and, by the same symmetry,
+    # its mean probability is 1/E (P_e = 1/E): perfectly uniform routing.
+    prefs = np.array([3.0, 2.0, 1.0, 0.0])
+    w_router = np.stack([np.roll(prefs, i) for i in range(e)])  # [E, H=4]: w[e, t]
+    routing = router_forward(np.eye(4), w_router, k)
+    np.testing.assert_array_equal(routing.counts, [2, 2, 2, 2])
+    np.testing.assert_allclose(routing.probs.mean(axis=0), 1 / e, rtol=1e-15)
+    assert aux_loss(routing, alpha=0.01) == pytest.approx(0.01, rel=1e-14)
+    # more and more tokens sent to experts 0 and 1: the loss grows with the imbalance
+    losses = []
+    for skew in (0.0, 1.0, 3.0, 9.0):
+        w_skewed = w_router.copy()
+        w_skewed[:2] += skew  # experts 0 and 1 gain logit on every token
+        losses.append(aux_loss(router_forward(np.eye(4), w_skewed, k), alpha=0.01))
+    assert losses[0] == pytest.approx(0.01, rel=1e-14)
+    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] == pytest.approx(0.02, rel=1e-3)  # all on 2 of 4 experts: alpha E/K
 
 
 def moe_reference(x, w: MoEWeights, top_k):
