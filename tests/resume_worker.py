@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from nn_core.text import BatchSampler
-from nn_core.train import TrainConfig, Trainer
+from nn_core.data.text import BatchSampler
+from nn_core.training.train import TrainConfig, Trainer
 
 
 def make_sampler(seed: int = 1234) -> BatchSampler:

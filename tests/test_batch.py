@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from nn_core import CheckpointError, Config, ConfigError, InputError, MoETransformer
-from nn_core.batch import cached_model, clear_model_cache, evaluate_file, generate_many
-from nn_core.checkpoint import MODEL_FILE, STATE_FILE, load_model, resolve_checkpoint
-from nn_core.generate import generate
-from nn_core.sampling import Greedy, TopK
-from nn_core.text import ByteTokenizer, default_corpus, eval_batches
-from nn_core.train import TrainConfig, Trainer
+from nn_core.app.jobs import cached_model, clear_model_cache, evaluate_file, generate_many
+from nn_core.data.text import ByteTokenizer, default_corpus, eval_batches
+from nn_core.inference.generate import generate
+from nn_core.inference.sampling import Greedy, TopK
+from nn_core.storage.checkpoint import MODEL_FILE, STATE_FILE, load_model, resolve_checkpoint
+from nn_core.training.train import TrainConfig, Trainer
 
 TINY = Config.tiny()
 SEQ, BATCH = 32, 4

@@ -72,14 +72,16 @@ SCENARIO_FIELDS = [
 
 def _has_model() -> bool:
     try:
-        import nn_core.model  # noqa: F401
-        import nn_core.train  # noqa: F401
+        import nn_core.model.transformer  # noqa: F401
+        import nn_core.training.train  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-needs_model = pytest.mark.skipif(not _has_model(), reason="nn_core.model / nn_core.train missing")
+needs_model = pytest.mark.skipif(
+    not _has_model(), reason="nn_core.model.transformer / nn_core.training.train missing"
+)
 
 
 # ---------------------------------------------------------------------------- scenario table

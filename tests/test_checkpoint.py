@@ -18,9 +18,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from threadpoolctl import threadpool_limits
 
-import nn_core.checkpoint as ckpt_mod
+import nn_core.storage.checkpoint as ckpt_mod
 from nn_core import CheckpointError, Config, MoETransformer
-from nn_core.checkpoint import (
+from nn_core.storage.checkpoint import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -31,7 +31,7 @@ from nn_core.checkpoint import (
     save_model,
     sha256_file,
 )
-from nn_core.train import TrainConfig, Trainer
+from nn_core.training.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_worker import make_sampler, make_train_config  # noqa: E402
@@ -406,7 +406,7 @@ def test_checkpoint_files_get_the_umask_default_mode(tmp_path):
     import stat
 
     from nn_core import Config, MoETransformer
-    from nn_core.checkpoint import save_model
+    from nn_core.storage.checkpoint import save_model
 
     umask = os.umask(0o022)
     try:

@@ -1,6 +1,6 @@
 """End-to-end tests of the ``nn-core`` command line, in a temporary directory.
 
-Most run ``nn_core.cli.main(argv)`` in-process (fast); a few run ``python -m nn_core``
+Most run ``nn_core.app.cli.main(argv)`` in-process (fast); a few run ``python -m nn_core``
 in a subprocess where the real exit status and stderr matter.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from nn_core import Config
-from nn_core.checkpoint import load_training_checkpoint
-from nn_core.cli import main
+from nn_core.app.cli import main
+from nn_core.storage.checkpoint import load_training_checkpoint
 
 TRAIN = ["--batch-size", "4", "--seq-len", "32", "--eval-interval", "8"]
 TRAIN += ["--checkpoint-interval", "8", "--sample-tokens", "16", "--quiet"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nn_core.convergence import convergence_batch, main, run_convergence
+from nn_core.training.convergence import convergence_batch, main, run_convergence
 
 
 def test_convergence_batch_is_the_spec_batch() -> None:
@@ -44,7 +44,15 @@ def test_full_convergence_check_writes_json_and_plot(tmp_path: Path) -> None:
 
 def test_cli_module_entry_and_exit_status(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "nn_core.convergence", "--out", str(tmp_path), "--steps", "2"],
+        [
+            sys.executable,
+            "-m",
+            "nn_core.training.convergence",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,4 +1,4 @@
-"""Tests of nn_core.decode: the single-token step equals the model's forward, piece by piece."""
+"""Tests of nn_core.inference.decode: the one-token step equals the forward, piece by piece."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from nn_core import Config, InputError, MoETransformer
-from nn_core.decode import decode_step, expert_work, moe_step, route_row, route_rows, step_weights
-from nn_core.moe import moe_forward, router_forward
+from nn_core.inference.decode import (
+    decode_step,
+    expert_work,
+    moe_step,
+    route_row,
+    route_rows,
+    step_weights,
+)
+from nn_core.model.moe import moe_forward, router_forward
 
 # GQA (2 kv heads), NTK RoPE, 5 experts; top_k set per test.
 GQA = Config(

@@ -1,4 +1,4 @@
-"""Tests of nn_core.generate: KV-cached decoding, batching, streaming and the edge cases."""
+"""Tests of nn_core.inference.generate: KV-cached decoding, batching, streaming, edge cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from nn_core import Config, MoETransformer
 from nn_core.errors import ConfigError, InputError
-from nn_core.generate import (
+from nn_core.inference.generate import (
     decode,
     generate,
     generate_batch,
@@ -18,7 +18,7 @@ from nn_core.generate import (
     generate_uncached,
     stream,
 )
-from nn_core.sampling import Greedy, Temperature, TopK, TopP
+from nn_core.inference.sampling import Greedy, Temperature, TopK, TopP
 
 CFG = Config.tiny().replace(max_seq_len=48)  # short max_seq_len: the edges are cheap to reach
 PROMPT = [3, 14, 15, 92, 65, 35]

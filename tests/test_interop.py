@@ -16,9 +16,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from nn_core import CheckpointError, Config, MoETransformer
-from nn_core.checkpoint import STATE_FILE, load_model
-from nn_core.generate import generate
-from nn_core.interop import (
+from nn_core.data.text import ByteTokenizer
+from nn_core.inference.generate import generate
+from nn_core.model.transformer import parameter_specs
+from nn_core.storage.checkpoint import STATE_FILE, load_model
+from nn_core.storage.weights import (
     CONFIG_KEY,
     WEIGHTS_FORMAT,
     export_weights,
@@ -26,9 +28,7 @@ from nn_core.interop import (
     load_weights,
     read_weights_metadata,
 )
-from nn_core.model import parameter_specs
-from nn_core.text import ByteTokenizer
-from nn_core.train import TrainConfig, Trainer
+from nn_core.training.train import TrainConfig, Trainer
 
 TINY = Config.tiny()
 TESTS = Path(__file__).resolve().parent

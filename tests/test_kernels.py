@@ -1,12 +1,12 @@
-"""The compiled kernels equal their NumPy references (nn_core.train)."""
+"""The compiled kernels equal their NumPy references (nn_core.training.train)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nn_core.kernels import adamw_update_fused, global_norm_fused
-from nn_core.train import adamw_update, global_norm
+from nn_core.training.kernels import adamw_update_fused, global_norm_fused
+from nn_core.training.train import adamw_update, global_norm
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

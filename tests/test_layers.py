@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gradcheck import check_gradient
 
-from nn_core.attention import (
+from nn_core.model.attention import (
     attention_backward,
     attention_forward,
     build_rope,
@@ -17,8 +17,8 @@ from nn_core.attention import (
     rope_tables,
     rope_unrotate,
 )
-from nn_core.config import Config
-from nn_core.layers import (
+from nn_core.model.config import Config
+from nn_core.model.layers import (
     embedding_backward,
     embedding_forward,
     linear_backward,
@@ -28,8 +28,8 @@ from nn_core.layers import (
     swiglu_backward,
     swiglu_forward,
 )
-from nn_core.loss import cross_entropy_backward, cross_entropy_forward
-from nn_core.moe import (
+from nn_core.model.loss import cross_entropy_backward, cross_entropy_forward
+from nn_core.model.moe import (
     BlockWeights,
     MoEWeights,
     aux_loss,
@@ -39,7 +39,7 @@ from nn_core.moe import (
     moe_forward,
     router_forward,
 )
-from nn_core.tensor import silu, silu_grad, softmax, softmax_backward
+from nn_core.model.tensor import silu, silu_grad, softmax, softmax_backward
 
 TOL = 1e-6  # float64 central differences; see gradcheck.py for why this is loose enough
 

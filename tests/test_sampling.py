@@ -1,4 +1,4 @@
-"""Tests of nn_core.sampling: greedy / temperature / top-k / top-p and their contracts."""
+"""Tests of nn_core.inference.sampling: greedy / temperature / top-k / top-p and their contracts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nn_core.errors import ConfigError, InputError
-from nn_core.sampling import (
+from nn_core.inference.sampling import (
     Greedy,
     SamplingStrategy,
     Temperature,

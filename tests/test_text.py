@@ -1,4 +1,4 @@
-"""Tests of nn_core.text: tokenizer, default corpus, text loading, splits and batches."""
+"""Tests of nn_core.data.text: tokenizer, default corpus, text loading, splits and batches."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from nn_core.errors import CheckpointError, ConfigError, InputError
-from nn_core.text import (
+from nn_core.data.text import (
     DEFAULT_CORPUS_MODULES,
     BatchSampler,
     ByteTokenizer,
@@ -24,6 +23,7 @@ from nn_core.text import (
     split_tokens,
     unigram_entropy,
 )
+from nn_core.errors import CheckpointError, ConfigError, InputError
 
 TOK = ByteTokenizer()
 
@@ -95,7 +95,7 @@ def test_default_corpus():
 
 def test_default_corpus_is_deterministic_across_processes():
     code = (
-        "import hashlib, nn_core.text as t; "
+        "import hashlib, nn_core.data.text as t; "
         "print(hashlib.sha256(t.default_corpus().encode()).hexdigest())"
     )
     digests = {

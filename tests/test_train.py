@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from nn_core import Config, MoETransformer
+from nn_core.data.text import BatchSampler
 from nn_core.errors import ConfigError, InputError, NonFiniteError
-from nn_core.loss import cross_entropy_backward, cross_entropy_forward
-from nn_core.text import BatchSampler
-from nn_core.train import (
+from nn_core.model.loss import cross_entropy_backward, cross_entropy_forward
+from nn_core.training.train import (
     AdamW,
     TrainConfig,
     Trainer,
@@ -205,7 +205,7 @@ def test_adamw_matches_scalar_reference(dtype: type, rtol: float, atol: float) -
 
 
 def test_adamw_blocks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nn_core.train as train_mod
+    import nn_core.training.train as train_mod
 
     rng = np.random.default_rng(3)
     n = 10_007  # not a multiple of any block
@@ -344,7 +344,7 @@ def test_non_finite_guard_refuses_the_update(tmp_path) -> None:  # type: ignore[
 
 
 def test_non_finite_guard_in_fit_writes_nothing_for_the_bad_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from nn_core.checkpoint import latest_checkpoint, load_training_checkpoint
+    from nn_core.storage.checkpoint import latest_checkpoint, load_training_checkpoint
 
     trainer = poisoned_trainer(checkpoint_interval=2)
     clean = (np.arange(16).reshape(2, 8), np.arange(1, 17).reshape(2, 8))
@@ -399,7 +399,7 @@ def test_activation_checkpointing_lowers_peak_memory() -> None:
 
 
 def test_fit_metrics_eval_checkpoints_and_progress(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from nn_core.checkpoint import latest_checkpoint, list_checkpoints
+    from nn_core.storage.checkpoint import latest_checkpoint, list_checkpoints
 
     cfg = small_cfg(eval_interval=2, checkpoint_interval=2, keep_checkpoints=2)
     ids = np.random.default_rng(0).integers(0, 1000, 400)

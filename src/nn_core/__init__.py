@@ -2,16 +2,16 @@
 
 The public API (see README.md): ``Config``, ``MoETransformer``, training with
 ``TrainConfig``/``Trainer``, sampling strategies and ``generate`` (in
-``nn_core.generate``), the benchmark in ``nn_core.bench``.
+``nn_core.inference.generate``), the benchmark in ``nn_core.bench``.
 """
 
-from .checkpoint import load_model, save_model
-from .config import Config
+from .data.text import ByteTokenizer
 from .errors import CheckpointError, ConfigError, InputError, NNCoreError, NonFiniteError
-from .model import KVCache, LossTerms, MoETransformer
-from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP, make_strategy
-from .text import ByteTokenizer
-from .train import AdamW, TrainConfig, Trainer, clip_grad_norm, get_lr
+from .inference.sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP, make_strategy
+from .model.config import Config
+from .model.transformer import KVCache, LossTerms, MoETransformer
+from .storage.checkpoint import load_model, save_model
+from .training.train import AdamW, TrainConfig, Trainer, clip_grad_norm, get_lr
 
 __all__ = [
     "AdamW",

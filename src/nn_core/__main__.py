@@ -1,10 +1,10 @@
-"""``python -m nn_core``: the nn-core command line (see nn_core.cli)."""
+"""``python -m nn_core``: the nn-core command line (see nn_core.app.cli)."""
 
 from __future__ import annotations
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

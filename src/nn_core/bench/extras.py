@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
+from ..model.config import Config
 from .harness import Workload
 from .scenarios import Scenario, make_inputs, register_extra
 from .workloads import make_model
@@ -18,7 +18,7 @@ from .workloads import make_model
 class GreedyDecodeWorkload(Workload):
     """Greedy generation of G new tokens after a P-token prompt (issue 5's decoding speed).
 
-    ``cached``: ``nn_core.generate.generate`` (prefill once, then one-token steps on
+    ``cached``: ``nn_core.inference.generate.generate`` (prefill once, then one-token steps on
     the KV cache); otherwise ``generate_uncached``, which re-runs the whole sequence
     every step, as the sibling implementations do. Throughput counts the G new tokens.
     """
@@ -36,7 +36,7 @@ class GreedyDecodeWorkload(Workload):
         self.info = {"timed": "generate(...) of G new tokens, greedy, batch 1"}
 
     def run(self) -> Any:
-        from ..generate import generate, generate_uncached
+        from ..inference.generate import generate, generate_uncached
 
         fn = generate if self.cached else generate_uncached
         return np.asarray(fn(self.model, self.prompt, self.prompt_len + self.new), dtype=float)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..config import Config
+from ..model.config import Config
 
 # AdamW per parameter (SPEC section 3): reads p, g, m, v and writes p, m, v.
 ADAMW_READS = 4

@@ -139,7 +139,7 @@ def _unwrap(reply: Any) -> Any:
 
 def _build_task(task: PoolTask) -> Any:
     """A zero-argument callable running the task once (built untimed)."""
-    from ..config import Config
+    from ..model.config import Config
     from .workloads import model_op  # the model modules load in the worker
 
     if task.kind not in ("forward", "train"):

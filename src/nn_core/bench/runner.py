@@ -374,7 +374,7 @@ def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
 def prime(scenarios: list[Scenario]) -> int:
     """One untimed tiny forward (and train step, if selected) so lazy imports and any
     cached JIT loading happen before the first timed region. Returns the ns it took."""
-    from ..config import Config
+    from ..model.config import Config
 
     t0 = time.perf_counter_ns()
     kinds = {sc.kind for sc in scenarios}
@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.floor_rates) as f:
                 rates = FloorRates.from_json(json.load(f))
         if train_options:
-            from ..train import TrainConfig
+            from ..training.train import TrainConfig
 
             TrainConfig(**train_options)  # validate up front: unknown field / bad value
     except (ValueError, TypeError, OSError) as exc:

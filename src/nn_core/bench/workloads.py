@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..config import Config
+from ..model.config import Config
 from .harness import Workload, numerical_stats, traced_alloc_bytes
 from .pool import PoolTask, ProcessPool
 from .scenarios import SEED, Scenario, make_inputs
@@ -28,7 +28,7 @@ TRAIN_OPTIONS: dict[str, Any] = {}
 
 def make_model(cfg: Config) -> Any:
     """nn_core.MoETransformer(cfg, seed=42), float32."""
-    from ..model import MoETransformer
+    from ..model.transformer import MoETransformer
 
     return MoETransformer(cfg, seed=SEED, dtype=np.float32)
 
@@ -36,7 +36,7 @@ def make_model(cfg: Config) -> Any:
 def make_trainer(model: Any, batch: int, seq: int) -> Any:
     """Trainer(model, TrainConfig(batch_size=B, seq_len=S, **TRAIN_OPTIONS)); SPEC defaults
     otherwise."""
-    from ..train import TrainConfig, Trainer
+    from ..training.train import TrainConfig, Trainer
 
     return Trainer(model, TrainConfig(batch_size=batch, seq_len=seq, **TRAIN_OPTIONS))
 
@@ -74,7 +74,7 @@ class CallWorkload(Workload):
 
 def cold_op(cfg: Config, batch: int, seq: int) -> Callable[[], Any]:
     """dispatch_cold: build the model (init of every weight) and run its first forward."""
-    from ..model import MoETransformer
+    from ..model.transformer import MoETransformer
 
     ids, _ = make_inputs(batch, seq, cfg.vocab_size)
 
@@ -88,9 +88,9 @@ def cold_op(cfg: Config, batch: int, seq: int) -> Callable[[], Any]:
 
 # kernel -> (module, function) of the package, tried in order
 KERNEL_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
-    "matmul": [("nn_core.layers", "linear_forward")],  # Y = X @ W^T
-    "softmax": [("nn_core.tensor", "softmax")],
-    "rmsnorm": [("nn_core.layers", "rmsnorm_forward")],
+    "matmul": [("nn_core.model.layers", "linear_forward")],  # Y = X @ W^T
+    "softmax": [("nn_core.model.tensor", "softmax")],
+    "rmsnorm": [("nn_core.model.layers", "rmsnorm_forward")],
 }
 
 

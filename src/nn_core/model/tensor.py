@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 

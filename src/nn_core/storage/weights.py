@@ -21,7 +21,7 @@ moves 1:1; embed [V, H]; q_proj [Q, H]; k_proj, v_proj [KV, H]; o_proj [H, Q]; r
 
 Import accepts such a file, or any safetensors file holding exactly the parameters of
 a Config given in its metadata (``nn_core_config``, or ``config``) or passed as
-``config=``. It runs the checks of checkpoint loading (``nn_core.checkpoint``, same
+``config=``. It runs the checks of checkpoint loading (``nn_core.storage.checkpoint``, same
 CheckpointError messages: a valid safetensors file, no missing or unexpected tensor,
 every shape and dtype as the config needs) plus one more: every value finite.
 """
@@ -35,17 +35,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import CheckpointError, ConfigError, InputError
+from ..model.config import Config
 from .checkpoint import (
     atomic_write_file,
     load_model,
     load_verified_tensors,
     save_model,
 )
-from .config import Config
-from .errors import CheckpointError, ConfigError, InputError
 
 if TYPE_CHECKING:
-    from .model import MoETransformer
+    from ..model.transformer import MoETransformer
 
 WEIGHTS_FORMAT = "nn-core-weights"
 WEIGHTS_FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ __all__ = [
 
 def weights_metadata(model: MoETransformer) -> dict[str, str]:
     """The safetensors header metadata of an exported file (strings only)."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "format": WEIGHTS_FORMAT,
@@ -174,7 +174,7 @@ def load_weights(file: PathLike, *, config: Config | None = None) -> MoETransfor
     (float32/float64); tensor names (none missing, none extra), shapes and dtypes; all
     values finite. Each failure is a CheckpointError naming the file and the tensor.
     """
-    from .model import MoETransformer
+    from ..model.transformer import MoETransformer
 
     path = Path(file)
     meta = read_weights_metadata(path)

@@ -5,7 +5,7 @@ and targets (i + 1) mod 1000 for i = 0..15; AdamW lr 1e-3, warmup 10, total_step
 1200, grad_clip 1.0, aux_loss_weight 0.01, weight_decay 0.1; 1000 updates. The
 recorded loss of update t is the total loss (CE + aux) of the batch before update t.
 
-    python -m nn_core.convergence --out DIR
+    python -m nn_core.training.convergence --out DIR
 
 writes DIR/convergence.json ({"language": "python", "steps": 1000, "losses": [...]})
 and DIR/convergence.png (the curve, log scale). Exit status 1 if the final loss is not
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from ..model.config import Config
 from .train import TrainConfig, Trainer
 
 TARGET_LOSS = 0.05  # the check passes when the last loss is below this
@@ -65,7 +65,7 @@ def run_convergence(
 
     from threadpoolctl import threadpool_limits
 
-    from .model import MoETransformer
+    from ..model.transformer import MoETransformer
 
     model = MoETransformer(Config.tiny(), seed=seed, dtype=dtype)
     trainer = Trainer(model, convergence_train_config())
@@ -109,7 +109,7 @@ def write_results(out_dir: str | Path, losses: Sequence[float]) -> tuple[Path, P
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nn_core.convergence",
+        prog="python -m nn_core.training.convergence",
         description="Run the suite's convergence check (SPEC.md section 3).",
     )
     parser.add_argument("--out", required=True, help="directory for convergence.json/.png")

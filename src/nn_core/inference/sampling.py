@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p")
 

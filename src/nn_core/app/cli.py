@@ -23,7 +23,7 @@ A run directory (``nn-core train --out DIR``) holds::
 
     run.json          model and train config, data source (+ SHA-256), command line
     tokenizer.json    the tokenizer (byte level) -- generate reads it from here
-    step_XXXXXX/      checkpoints (nn_core.checkpoint), the newest few are kept
+    step_XXXXXX/      checkpoints (nn_core.storage.checkpoint), the newest few are kept
     latest            names the newest checkpoint
     metrics.jsonl     one line per update (loss, ce, aux, grad_norm, lr, tokens/s, val_*)
     loss_curve.png    train and validation cross-entropy against the unigram entropy
@@ -50,9 +50,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, InputError, NNCoreError
-from .runtime import tune_malloc
+from ..errors import ConfigError, InputError, NNCoreError
+from ..model.config import Config
+from ..runtime import tune_malloc
 
 PROG = "nn-core"
 
@@ -197,7 +197,7 @@ def _split_fields(
     data: dict[str, Any], where: str, model: dict[str, Any], train: dict[str, Any] | None
 ) -> None:
     """Route each key of ``data`` to the model or train fields by name (in place)."""
-    from .train import TrainConfig
+    from ..training.train import TrainConfig
 
     model_names = {f.name for f in dataclasses.fields(Config)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -405,7 +405,7 @@ def _newest_run(root: Path = Path("runs")) -> Path:
 
 def _load_data(source: str | None, val_fraction: float) -> tuple[str, str, Any]:
     """(text, description, TokenDataset) of --data FILE or the default corpus."""
-    from .text import TokenDataset, default_corpus, describe_default_corpus, load_text
+    from ..data.text import TokenDataset, default_corpus, describe_default_corpus, load_text
 
     if source is None:
         text, desc = default_corpus(), "default corpus: " + describe_default_corpus()
@@ -435,9 +435,9 @@ class _Run:
 
     out: Path
     config_name: str
-    trainer: Any  # nn_core.train.Trainer (model, TrainConfig, AdamW, data source)
-    sampler: Any  # nn_core.text.BatchSampler over the train split
-    data: Any  # nn_core.text.TokenDataset
+    trainer: Any  # nn_core.training.train.Trainer (model, TrainConfig, AdamW, data source)
+    sampler: Any  # nn_core.data.text.BatchSampler over the train split
+    data: Any  # nn_core.data.text.TokenDataset
     data_desc: str
 
     @property
@@ -449,9 +449,9 @@ class _Run:
 
 
 def _new_run(args: argparse.Namespace) -> _Run:
-    from .model import MoETransformer
-    from .text import BatchSampler, ByteTokenizer, eval_batches
-    from .train import TrainConfig, Trainer
+    from ..data.text import BatchSampler, ByteTokenizer, eval_batches
+    from ..model.transformer import MoETransformer
+    from ..training.train import TrainConfig, Trainer
 
     tokenizer = ByteTokenizer()
     fields = dict(TRAIN_DEFAULTS)
@@ -517,10 +517,10 @@ def _new_run(args: argparse.Namespace) -> _Run:
 
 
 def _resumed_run(args: argparse.Namespace) -> _Run:
-    from .checkpoint import latest_checkpoint
-    from .errors import CheckpointError
-    from .text import BatchSampler
-    from .train import Trainer
+    from ..data.text import BatchSampler
+    from ..errors import CheckpointError
+    from ..storage.checkpoint import latest_checkpoint
+    from ..training.train import Trainer
 
     given = [flag for dest, flag in _FIXED_ON_RESUME.items() if getattr(args, dest) is not None]
     if given:
@@ -566,7 +566,7 @@ def _resumed_run(args: argparse.Namespace) -> _Run:
 def _run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .text import ByteTokenizer, eval_batches, unigram_entropy
+    from ..data.text import ByteTokenizer, eval_batches, unigram_entropy
 
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
@@ -650,8 +650,8 @@ def _training_sample(model: Any, tokenizer: Any, ds: Any, data_desc: str, n: int
     tokens of the validation split."""
     import numpy as np
 
-    from .generate import generate
-    from .sampling import TopK
+    from ..inference.generate import generate
+    from ..inference.sampling import TopK
 
     if data_desc.startswith("default corpus"):
         prompt = tokenizer.encode(DEFAULT_CORPUS_PROMPT)
@@ -764,7 +764,7 @@ def _add_generate(sub: Any) -> None:
 
 def _find_tokenizer(checkpoint: Path) -> Any:
     """tokenizer.json in the checkpoint directory or its run directory; else byte level."""
-    from .text import ByteTokenizer
+    from ..data.text import ByteTokenizer
 
     for where in (checkpoint, checkpoint.parent):
         if (where / "tokenizer.json").is_file():
@@ -776,10 +776,10 @@ def _find_tokenizer(checkpoint: Path) -> Any:
 def _run_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .checkpoint import load_model, resolve_checkpoint
-    from .generate import generate_batch, stream
-    from .sampling import make_strategy
-    from .text import load_text
+    from ..data.text import load_text
+    from ..inference.generate import generate_batch, stream
+    from ..inference.sampling import make_strategy
+    from ..storage.checkpoint import load_model, resolve_checkpoint
 
     name = args.strategy or ("top_p" if args.top_p is not None else "top_k")
     strategy = make_strategy(
@@ -849,7 +849,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- export / import / evaluate (nn_core.interop, nn_core.batch) -------------------------
+# ---- export / import / evaluate (nn_core.storage.weights, nn_core.app.jobs) -------
 
 
 def _add_export(sub: Any) -> None:
@@ -867,7 +867,7 @@ def _add_export(sub: Any) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .interop import export_weights
+    from ..storage.weights import export_weights
 
     out = export_weights(args.checkpoint, args.out)
     _say(f"wrote {out} ({_human(out.stat().st_size)}B)")
@@ -893,7 +893,7 @@ def _add_import(sub: Any) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from .interop import import_weights
+    from ..storage.weights import import_weights
 
     if args.set and args.config is None:
         raise UsageError("--set applies to --config; give --config too")
@@ -926,7 +926,7 @@ def _add_evaluate(sub: Any) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .batch import evaluate_file
+    from .jobs import evaluate_file
 
     kwargs = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches)
     if args.scheduler is None:
@@ -981,7 +981,7 @@ def runtime_info() -> dict[str, Any]:
     import numpy as np
     from threadpoolctl import threadpool_info
 
-    from . import __version__
+    from .. import __version__
 
     def version(dist: str) -> str | None:
         try:
@@ -1016,7 +1016,7 @@ def runtime_info() -> dict[str, Any]:
 def _run_info(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.checkpoint is not None:
-        from .checkpoint import read_state, resolve_checkpoint
+        from ..storage.checkpoint import read_state, resolve_checkpoint
 
         if args.set:
             raise UsageError("--set applies to --config, not to --checkpoint")
@@ -1025,7 +1025,7 @@ def _run_info(args: argparse.Namespace) -> int:
         try:
             cfg = Config.from_dict(state["config"])
         except (ConfigError, TypeError) as exc:
-            from .errors import CheckpointError
+            from ..errors import CheckpointError
 
             raise CheckpointError(f"{ckpt}: invalid config in state.json: {exc}") from None
         name = str(ckpt)
@@ -1075,13 +1075,13 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_bench(argv: list[str]) -> int:
-    from .bench import main as bench_main
+    from ..bench import main as bench_main
 
     return int(bench_main(argv) or 0)
 
 
 def _run_convergence(argv: list[str]) -> int:
-    from .convergence import main as convergence_main
+    from ..training.convergence import main as convergence_main
 
     return int(convergence_main(argv) or 0)
 
@@ -1090,7 +1090,7 @@ def _run_convergence(argv: list[str]) -> int:
 FORWARDED: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "bench": ("the benchmark harness (all arguments go to python -m nn_core.bench)", _run_bench),
     "convergence": (
-        "the suite's convergence check (arguments go to python -m nn_core.convergence)",
+        "the suite's convergence check (arguments go to python -m nn_core.training.convergence)",
         _run_convergence,
     ),
 }
@@ -1106,7 +1106,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog=PROG,

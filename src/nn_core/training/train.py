@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .config import Config, DictConfig
-from .errors import CheckpointError, ConfigError, InputError, NonFiniteError
+from ..errors import CheckpointError, ConfigError, InputError, NonFiniteError
+from ..model.config import Config, DictConfig
 
 if TYPE_CHECKING:
-    from .model import MoETransformer
+    from ..model.transformer import MoETransformer
 
 MIN_LR_RATIO = 0.1  # LR schedule: min_lr = 0.1 * lr (SPEC.md section 3)
 CLIP_EPS = 1e-12  # Gradient clipping: g *= clip / (norm + 1e-12)
@@ -334,7 +334,7 @@ def clip_grad_norm(
 
 
 class DataSource(Protocol):
-    """A batch source whose position can be saved (e.g. ``nn_core.text.BatchSampler``)."""
+    """A batch source whose position can be saved (e.g. ``nn_core.data.text.BatchSampler``)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -349,7 +349,7 @@ def _has_state(obj: object) -> bool:
 
 def _batch_stream(batches: Any) -> Callable[[], Batch]:
     """A zero-argument function returning the next (inputs, targets); StopIteration at end."""
-    if callable(getattr(batches, "next_batch", None)):  # nn_core.text.BatchSampler
+    if callable(getattr(batches, "next_batch", None)):  # nn_core.data.text.BatchSampler
         return batches.next_batch
     if hasattr(batches, "__next__"):  # an iterator
         return lambda: next(batches)
@@ -371,7 +371,7 @@ class Trainer:
     ``loss_terms_and_grad`` API). ``out_dir`` is the run directory ``fit`` uses by
     default for checkpoints (``out_dir/step_000100``, ``out_dir/latest``) and metrics
     (``out_dir/metrics.jsonl``). ``data_source`` (an object with ``state_dict`` /
-    ``load_state_dict``, e.g. ``nn_core.text.BatchSampler``) has its state saved with
+    ``load_state_dict``, e.g. ``nn_core.data.text.BatchSampler``) has its state saved with
     every checkpoint and restored by ``Trainer.resume``.
     """
 
@@ -569,8 +569,8 @@ class Trainer:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write everything (weights, m, v, step, configs, RNG and data state) to directory
-        ``path``, atomically. See ``nn_core.checkpoint``."""
-        from .checkpoint import save_training_checkpoint
+        ``path``, atomically. See ``nn_core.storage.checkpoint``."""
+        from ..storage.checkpoint import save_training_checkpoint
 
         out = save_training_checkpoint(
             path, self.model, self.optimizer.m, self.optimizer.v, self.state()
@@ -581,7 +581,7 @@ class Trainer:
     def save_checkpoint(self, run_dir: str | os.PathLike[str] | None = None) -> Path:
         """Save to ``run_dir/step_XXXXXX``, point ``run_dir/latest`` at it, then keep the
         newest ``keep_checkpoints`` step checkpoints. ``run_dir`` defaults to ``out_dir``."""
-        from .checkpoint import prune_checkpoints, step_dir_name, update_latest
+        from ..storage.checkpoint import prune_checkpoints, step_dir_name, update_latest
 
         target_dir = Path(run_dir) if run_dir is not None else self.out_dir
         if target_dir is None:
@@ -607,7 +607,7 @@ class Trainer:
         as the saved one would have. ``config`` (a model Config), if given, must equal
         the checkpoint's, else CheckpointError.
         """
-        from .checkpoint import load_training_checkpoint
+        from ..storage.checkpoint import load_training_checkpoint
 
         ckpt = load_training_checkpoint(path, config=config)
         state = ckpt.state

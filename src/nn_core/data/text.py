@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 
 IntArray = NDArray[np.int64]
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _C = TypeVar("_C", bound="DictConfig")
 

@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Config
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..model.config import Config
 
 if TYPE_CHECKING:
-    from .model import MoETransformer
+    from ..model.transformer import MoETransformer
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -471,7 +471,7 @@ def load_verified_tensors(
 
 def _build_model(ckpt: Path, state: dict[str, Any], config: Config | None) -> MoETransformer:
     """A model of the checkpoint's config and dtype with its verified weights loaded."""
-    from .model import MoETransformer
+    from ..model.transformer import MoETransformer
 
     cfg = _config_of(state, ckpt, config)
     dtype = state["dtype"]

@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import InputError
 from .attention import KVLayerCache, build_rope
 from .config import Config
-from .errors import InputError
 from .layers import embedding_backward, embedding_forward, rmsnorm_backward, rmsnorm_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .moe import BlockCache, BlockWeights, MoEWeights, aux_loss, block_backward, block_forward
@@ -317,13 +317,13 @@ class MoETransformer:
     # ---- weights on disk -------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the weights and config (safetensors + JSON, no pickle) to directory ``path``."""
-        from .checkpoint import save_model
+        from ..storage.checkpoint import save_model
 
         save_model(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> MoETransformer:
         """Load a model written by ``save`` (or a training checkpoint), verifying it."""
-        from .checkpoint import load_model
+        from ..storage.checkpoint import load_model
 
         return load_model(path)

@@ -33,7 +33,7 @@ its speed. The choices below cut calls; none changes the result beyond rounding:
   a call); the batched attention products [B, nKV, ...] keep ``@``.
 
 Token ids: ``decode_step`` validates them unless ``check_ids=False``. The decoding
-loop in ``nn_core.generate`` validates the prompt once and passes ids picked by a
+loop in ``nn_core.inference.generate`` validates the prompt once and passes ids picked by a
 sampler, which are in [0, V) by construction, with ``check_ids=False``.
 """
 
@@ -45,11 +45,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .attention import KVLayerCache, Rope
-from .config import Config
-from .errors import InputError
-from .model import KVCache, validate_token_ids
-from .moe import BlockWeights, MoEWeights
+from ..errors import InputError
+from ..model.attention import KVLayerCache, Rope
+from ..model.config import Config
+from ..model.moe import BlockWeights, MoEWeights
+from ..model.transformer import KVCache, validate_token_ids
 
 __all__ = ["decode_step", "step_weights"]
 
