@@ -38,25 +38,23 @@ def check_gradient(
     assert x.dtype == np.float64, "gradient checks run in float64"
     assert grad.shape == x.shape
     rng = np.random.default_rng(seed)
-    flat = x.reshape(-1)  # a view: perturbations change x in place
-    assert np.shares_memory(flat, x)
     g = np.asarray(grad, dtype=np.float64).reshape(-1)
-    original = flat.copy()
+    original = x.reshape(-1).copy()  # x may be a strided view: it is written whole, in place
     floor = max(1e-8, floor_scale * float(np.max(np.abs(g), initial=0.0)))
 
     def central(direction: np.ndarray) -> float:
-        flat[:] = original + h * direction
+        x[...] = (original + h * direction).reshape(x.shape)
         up = loss()
-        flat[:] = original - h * direction
+        x[...] = (original - h * direction).reshape(x.shape)
         down = loss()
-        flat[:] = original
+        x[...] = original.reshape(x.shape)
         return (up - down) / (2 * h)
 
-    d = rng.standard_normal(flat.size)
+    d = rng.standard_normal(original.size)
     d /= np.linalg.norm(d)
     pairs = [(central(d), float(g @ d))]
-    for j in rng.choice(flat.size, size=min(coords, flat.size), replace=False):
-        e = np.zeros(flat.size)
+    for j in rng.choice(original.size, size=min(coords, original.size), replace=False):
+        e = np.zeros(original.size)
         e[j] = 1.0
         pairs.append((central(e), float(g[j])))
     return max(abs(fd - an) / max(abs(fd), abs(an), floor) for fd, an in pairs)

@@ -24,7 +24,13 @@ from nn_core.app.jobs import cached_model, clear_model_cache, evaluate_file, gen
 from nn_core.data.text import ByteTokenizer, default_corpus, eval_batches
 from nn_core.inference.generate import generate
 from nn_core.inference.sampling import Greedy, TopK
-from nn_core.storage.checkpoint import MODEL_FILE, STATE_FILE, load_model, resolve_checkpoint
+from nn_core.storage.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    load_model,
+    resolve_checkpoint,
+    save_model,
+)
 from nn_core.training.train import TrainConfig, Trainer
 
 TINY = Config.tiny()
@@ -252,7 +258,7 @@ def test_bad_arguments_are_rejected_before_any_work(
 
 
 def test_small_vocab_checkpoint_is_rejected(tmp_path: Path, data_file: Path) -> None:
-    MoETransformer(TINY.replace(vocab_size=100)).save(tmp_path / "m")
+    save_model(MoETransformer(TINY.replace(vocab_size=100)), tmp_path / "m")
     with pytest.raises(CheckpointError, match="vocab_size 100 is smaller than the byte"):
         evaluate_file(tmp_path / "m", data_file, seq_len=8, batch_size=2, executor=SerialExecutor())
 

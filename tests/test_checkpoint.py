@@ -74,8 +74,8 @@ def test_save_model_and_load_model_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(loaded.flat_params, model.flat_params)
     assert set(load_file(str(out / MODEL_FILE))) == set(model.parameters())
     # the model's thin wrappers
-    model.save(tmp_path / "again")
-    again = MoETransformer.load(tmp_path / "again")
+    save_model(model, tmp_path / "again")
+    again = load_model(tmp_path / "again")
     ids = fixed_batch()[0]
     assert np.array_equal(again.forward(ids), model.forward(ids))
     f64 = MoETransformer(TINY, seed=8, dtype=np.float64)

@@ -17,7 +17,7 @@ import pytest
 
 from nn_core import Config
 from nn_core.app.cli import main
-from nn_core.storage.checkpoint import load_training_checkpoint
+from nn_core.storage.checkpoint import load_model, load_training_checkpoint
 
 TRAIN = ["--batch-size", "4", "--seq-len", "32", "--eval-interval", "8"]
 TRAIN += ["--checkpoint-interval", "8", "--sample-tokens", "16", "--quiet"]
@@ -331,7 +331,7 @@ def test_usage_errors_exit_2_with_one_line(straight_run, workdir, capsys):
             ["train", "--set", "unknown_field=1", "--data", data],
             "unknown config field 'unknown_field'",
         ),
-        (["train", "--set", "hidden_dim=0", "--data", data], "hidden_dim must be >= 1"),
+        (["train", "--set", "hidden_dim=0", "--data", data], "hidden_dim must be an int >= 1"),
         (["train", "--set", "lr", "--data", data], "key=value"),
         (["train", "--config", bad_toml, "--data", data], "unknown config field 'width'"),
         (["train", "--config", "huge", "--data", data], "preset"),
@@ -377,7 +377,6 @@ def test_real_exit_codes_and_stderr_in_a_subprocess(straight_run, workdir):
 
 def test_export_import_and_evaluate(straight_run, workdir, capsys):
     """export -> import round trip is bitwise; evaluate gives a loss below uniform."""
-    from nn_core import MoETransformer
 
     weights = workdir / "export.safetensors"
     code, out, _ = run(["export", "--checkpoint", straight_run, "--out", weights], capsys)
@@ -385,8 +384,8 @@ def test_export_import_and_evaluate(straight_run, workdir, capsys):
     imported = workdir / "imported"
     code, _, _ = run(["import", weights, "--out", imported], capsys)
     assert code == 0
-    original = MoETransformer.load(straight_run)
-    np.testing.assert_array_equal(MoETransformer.load(imported).flat_params, original.flat_params)
+    original = load_model(straight_run)
+    np.testing.assert_array_equal(load_model(imported).flat_params, original.flat_params)
     code, out, _ = run(
         [
             "evaluate",

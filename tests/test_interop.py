@@ -19,7 +19,7 @@ from nn_core import CheckpointError, Config, MoETransformer
 from nn_core.data.text import ByteTokenizer
 from nn_core.inference.generate import generate
 from nn_core.model.transformer import parameter_specs
-from nn_core.storage.checkpoint import STATE_FILE, load_model
+from nn_core.storage.checkpoint import STATE_FILE, load_model, save_model
 from nn_core.storage.weights import (
     CONFIG_KEY,
     WEIGHTS_FORMAT,
@@ -148,11 +148,11 @@ def test_round_trip_export_import_is_bitwise(dtype: type, tmp_path: Path) -> Non
     model = MoETransformer(TINY, seed=11, dtype=dtype)
     for i, p in enumerate(model.parameters().values()):  # non-trivial gains too
         p += np.asarray(0.01 * (i + 1), dtype)
-    model.save(tmp_path / "src")
+    save_model(model, tmp_path / "src")
     file = export_weights(tmp_path / "src", tmp_path / "w.safetensors")
     out = import_weights(file, tmp_path / "imported")
     assert json.loads((out / STATE_FILE).read_text())["kind"] == "model"
-    back = MoETransformer.load(out)
+    back = load_model(out)
     assert back.config == TINY and back.dtype == dtype
     assert back.flat_params.tobytes() == model.flat_params.tobytes()
 

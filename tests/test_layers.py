@@ -11,13 +11,12 @@ from nn_core.model.attention import (
     attention_backward,
     attention_forward,
     build_rope,
-    ntk_rope_base,
-    pair_swap,
     rope_rotate,
     rope_tables,
     rope_unrotate,
 )
-from nn_core.model.config import Config
+from nn_core.model.block import BlockWeights, block_backward, block_forward
+from nn_core.model.config import Config, ntk_rope_base
 from nn_core.model.layers import (
     embedding_backward,
     embedding_forward,
@@ -30,11 +29,8 @@ from nn_core.model.layers import (
 )
 from nn_core.model.loss import cross_entropy_backward, cross_entropy_forward
 from nn_core.model.moe import (
-    BlockWeights,
     MoEWeights,
     aux_loss,
-    block_backward,
-    block_forward,
     moe_backward,
     moe_forward,
     router_forward,
@@ -165,18 +161,19 @@ def test_swiglu_forward_and_backward(rng):
     x = rng.standard_normal((c, h))
     wg, wu = rng.standard_normal((f, h)), rng.standard_normal((f, h))
     wd = rng.standard_normal((h, f))
-    out, cache = swiglu_forward(x, wg, wu, wd)
+    wgu = np.concatenate([wg, wu])  # [2F, H]: Wg stacked on Wu, as the model stores them
+    out, cache = swiglu_forward(x, wgu, wd)
     g, u = x @ wg.T, x @ wu.T
     ref = (g / (1 + np.exp(-g)) * u) @ wd.T  # Down(SiLU(Gate(x)) * Up(x))
     np.testing.assert_allclose(out, ref, rtol=1e-12)
     r = rng.standard_normal(out.shape)
-    grads = [np.zeros_like(a) for a in (wg, wu, wd)]
-    dx = swiglu_backward(r, cache, wg, wu, wd, *grads)
+    grads = [np.zeros_like(a) for a in (wgu, wd)]
+    dx = swiglu_backward(r, cache, wgu, wd, *grads)
 
     def loss():
-        return float(np.sum(swiglu_forward(x, wg, wu, wd)[0] * r))
+        return float(np.sum(swiglu_forward(x, wgu, wd)[0] * r))
 
-    for arr, grad in zip((x, wg, wu, wd), (dx, *grads)):
+    for arr, grad in zip((x, wgu, wd), (dx, *grads)):
         assert check_gradient(loss, arr, grad) < TOL
 
 
@@ -199,10 +196,9 @@ def rope_reference(x, positions, theta):
 def test_rope_matches_formula_preserves_norms_and_is_relative(rng):
     d, n = 8, 40
     cos, sin = rope_tables(10000.0, d, n)
-    swap = pair_swap(d, np.float64)
     x = rng.standard_normal((2, 5, 3, d))  # [B, S, heads, D]
     pos = np.arange(7, 12)
-    rotated = rope_rotate(x, cos[pos, None, :], sin[pos, None, :], swap)
+    rotated = rope_rotate(x, cos[pos, None, :], sin[pos, None, :])
     np.testing.assert_allclose(rotated, rope_reference(x, pos, 10000.0), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(
         np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13
@@ -211,18 +207,18 @@ def test_rope_matches_formula_preserves_norms_and_is_relative(rng):
     q, k = rng.standard_normal(d), rng.standard_normal(d)
 
     def rot(v, t):
-        return rope_rotate(v[None, None, None], cos[t : t + 1, None], sin[t : t + 1, None], swap)
+        return rope_rotate(v[None, None, None], cos[t : t + 1, None], sin[t : t + 1, None])
 
     dots = [float(np.sum(rot(q, t + 3) * rot(k, t))) for t in (0, 5, 20, 36)]
     np.testing.assert_allclose(dots, dots[0], rtol=1e-12)
     # RoPE's backward is the inverse rotation: it undoes the forward, and is its transpose
-    back = rope_unrotate(rotated, cos[pos, None, :], sin[pos, None, :], swap)
+    back = rope_unrotate(rotated, cos[pos, None, :], sin[pos, None, :])
     np.testing.assert_allclose(back, x, rtol=1e-12, atol=1e-14)
     r = rng.standard_normal(x.shape)
-    grad = rope_unrotate(r, cos[pos, None, :], sin[pos, None, :], swap)
+    grad = rope_unrotate(r, cos[pos, None, :], sin[pos, None, :])
 
     def loss():
-        return float(np.sum(rope_rotate(x, cos[pos, None, :], sin[pos, None, :], swap) * r))
+        return float(np.sum(rope_rotate(x, cos[pos, None, :], sin[pos, None, :]) * r))
 
     assert check_gradient(loss, x, grad) < TOL
 
@@ -261,7 +257,7 @@ def attention_reference(x, batch, wq, wk, wv, wo, n_heads, n_kv, theta):
 def test_attention_forward_and_backward(rng, n_heads, n_kv):
     batch, s, h, d = 2, 5, 6, 4
     theta = 500.0
-    rope = build_rope(theta, d, 16, n_heads, n_kv, np.float64)
+    rope = build_rope(theta, d, 16, np.float64)
     x = rng.standard_normal((batch * s, h))
     wqkv = rng.standard_normal(((n_heads + 2 * n_kv) * d, h)) * 0.5
     wo = rng.standard_normal((h, n_heads * d)) * 0.5
@@ -326,7 +322,8 @@ def moe_reference(x, w: MoEWeights, top_k):
         p = softmax(x[t] @ w.router.T)
         kept = np.argsort(-p, kind="stable")[:top_k]
         for e in kept:
-            g, u = w.gate[e] @ x[t], w.up[e] @ x[t]
+            f = w.down.shape[2]
+            g, u = w.gate_up[e, :f] @ x[t], w.gate_up[e, f:] @ x[t]  # Wg, Wu of expert e
             out[t] += p[e] / p[kept].sum() * (w.down[e] @ (silu(g) * u))
     return out
 
@@ -334,8 +331,7 @@ def moe_reference(x, w: MoEWeights, top_k):
 def random_moe(rng, e=4, h=6, f=8):
     return MoEWeights(
         rng.standard_normal((e, h)),
-        rng.standard_normal((e, f, h)) * 0.4,
-        rng.standard_normal((e, f, h)) * 0.4,
+        rng.standard_normal((e, 2 * f, h)) * 0.4,  # gate | up of each expert
         rng.standard_normal((e, h, f)) * 0.4,
     )
 
@@ -372,7 +368,7 @@ def test_moe_with_an_expert_that_receives_no_tokens(rng):
     np.testing.assert_allclose(out, moe_reference(x, w, 2), rtol=1e-12)
     dw = MoEWeights(*(np.zeros_like(a) for a in w))
     moe_backward(np.ones_like(out), cache, w, dw, 0.0)
-    assert not dw.gate[3].any() and not dw.down[3].any()
+    assert not dw.gate_up[3].any() and not dw.down[3].any()
 
 
 # ------------------------------------------------------------------ block
@@ -390,7 +386,7 @@ def test_block_forward_and_backward(rng):
         vocab_size=10,
         max_seq_len=8,
     )
-    rope = build_rope(cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, 2, 1, np.float64)
+    rope = build_rope(cfg.rope_theta, cfg.head_dim, cfg.max_seq_len, np.float64)
     h, d = cfg.hidden_dim, cfg.head_dim
     w = BlockWeights(
         1 + 0.1 * rng.standard_normal(h),

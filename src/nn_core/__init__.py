@@ -8,8 +8,8 @@ The public API (see README.md): ``Config``, ``MoETransformer``, training with
 from .data.text import ByteTokenizer
 from .errors import CheckpointError, ConfigError, InputError, NNCoreError, NonFiniteError
 from .inference.sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP, make_strategy
+from .model import KVCache, LossTerms, MoETransformer
 from .model.config import Config
-from .model.transformer import KVCache, LossTerms, MoETransformer
 from .storage.checkpoint import load_model, save_model
 from .training.train import AdamW, TrainConfig, Trainer, clip_grad_norm, get_lr
 

@@ -5,8 +5,7 @@ T = P + G, V vocab_size (V' = vocab_limit when the logits are cut to it).
 
 One decoding loop, ``decode``, serves every entry point. It prefills the prompt
 once with ``model.forward_cached`` (keys and values of all P positions go into a
-``KVCache``), then feeds one token per row per step through
-``nn_core.inference.decode.decode_step`` (the same model, in far fewer NumPy calls; ids a
+``KVCache``), then feeds one token per row per step through ``model.decode_step`` (ids a
 sampler picked are not re-validated); ``cached=False`` instead re-runs
 ``model.forward`` on the whole sequence every step (the sibling implementations'
 method; used by tests and the decoding benchmark). Each step the strategy picks a
@@ -46,7 +45,6 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import ConfigError, InputError
-from .decode import decode_step
 from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP
 
 IntArray = NDArray[np.int64]
@@ -239,7 +237,7 @@ def _cached_steps(
         yield DecodeStep(tokens, logits)
         if g + 1 < n_new:
             # a sampler's picks are in [0, V') by construction: no re-validation
-            logits = decode_step(model, tokens, cache, check_ids=False)[:, :limit]  # [B, V']
+            logits = model.decode_step(tokens, cache, check_ids=False)[:, :limit]  # [B, V']
 
 
 def _uncached_steps(

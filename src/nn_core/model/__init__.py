@@ -3,7 +3,8 @@
 It imports nothing from the rest of nn-core but ``nn_core.errors``.
 """
 
+from .attention import KVCache
 from .config import Config
-from .transformer import KVCache, LossTerms, MoETransformer
+from .transformer import LossState, LossTerms, MoETransformer
 
-__all__ = ["Config", "KVCache", "LossTerms", "MoETransformer"]
+__all__ = ["Config", "KVCache", "LossState", "LossTerms", "MoETransformer"]

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..checks import check_int, check_number
 from ..errors import ConfigError
 
 _C = TypeVar("_C", bound="DictConfig")
@@ -39,6 +40,13 @@ class DictConfig:
 
     def replace(self: _C, **changes: Any) -> _C:
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def ntk_rope_base(base: float, alpha: float, head_dim: int) -> float:
+    """NTK-aware RoPE: base' = base * alpha^(head_dim / (head_dim - 2)) when alpha > 1."""
+    if alpha == 1:
+        return float(base)
+    return float(base * alpha ** (head_dim / (head_dim - 2)))
 
 
 @dataclass(frozen=True)
@@ -70,17 +78,9 @@ class Config(DictConfig):
             "vocab_size",
             "max_seq_len",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
+            check_int(getattr(self, name), name, 1)
         for name in ("rope_base", "rope_alpha", "rms_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be finite and > 0, got {value}")
+            check_number(getattr(self, name), name, 0.0, math.inf, low_open=True, high_open=True)
         if self.rope_base <= 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
         if self.rope_alpha < 1:
@@ -156,11 +156,8 @@ class Config(DictConfig):
 
     @property
     def rope_theta(self) -> float:
-        """NTK-aware RoPE: base' = base * alpha^(D / (D - 2)) when alpha > 1."""
-        if self.rope_alpha == 1:
-            return float(self.rope_base)
-        d = self.head_dim
-        return float(self.rope_base * self.rope_alpha ** (d / (d - 2)))
+        """The RoPE base the model uses: ``ntk_rope_base(rope_base, rope_alpha, head_dim)``."""
+        return ntk_rope_base(self.rope_base, self.rope_alpha, self.head_dim)
 
     def _layer_params(self, experts: int) -> int:
         h = self.hidden_dim

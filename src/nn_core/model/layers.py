@@ -1,9 +1,13 @@
-"""Embedding, RMSNorm, Linear and the SwiGLU expert: forward/backward pairs.
+"""Embedding, RMSNorm, Linear and the SwiGLU experts: forward/backward pairs.
 
-Shape legend: N tokens (rows), H hidden, F ffn, V vocab, C rows routed to one expert.
-Each ``*_forward`` returns ``(out, cache)``; each ``*_backward`` takes the
-upstream gradient and that cache, ADDS parameter gradients into the given
-buffers (``+=``) and returns the gradient of its input.
+Shape legend: N rows (tokens), H hidden, F ffn, V vocab, E experts, C rows routed to
+the experts (grouped by expert).
+
+Each ``*_forward`` returns ``(out, cache)``; each ``*_backward`` takes the upstream
+gradient and that cache, ADDS parameter gradients into the given buffers (``+=``) and
+returns the gradient of its input. ``ws``/``key`` name the workspace buffers the
+function writes (``nn_core.model.workspace``); without a workspace every output is a
+fresh array.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ from typing import NamedTuple
 import numpy as np
 
 from .tensor import sigmoid
+from .workspace import Workspace, buffer
 
 # ---------------------------------------------------------------------------- Embedding
 
 
-def embedding_forward(ids: np.ndarray, weight: np.ndarray) -> np.ndarray:
+def embedding_forward(
+    ids: np.ndarray, weight: np.ndarray, ws: Workspace | None = None, key: str = ""
+) -> np.ndarray:
     """Embedding: out = W[token_id, :].   ids [N] int, W [V, H] -> [N, H]."""
-    return weight[ids]
+    out = buffer(ws, key + "out", (ids.size, weight.shape[1]), weight.dtype)
+    return np.take(weight, ids, axis=0, out=out)
 
 
 def embedding_backward(dout: np.ndarray, ids: np.ndarray, dweight: np.ndarray) -> None:
@@ -36,47 +44,79 @@ class RMSNormCache(NamedTuple):
 
 
 def rmsnorm_forward(
-    x: np.ndarray, gain: np.ndarray, eps: float = 1e-6
+    x: np.ndarray,
+    gain: np.ndarray,
+    eps: float = 1e-6,
+    ws: Workspace | None = None,
+    key: str = "",
 ) -> tuple[np.ndarray, RMSNormCache]:
-    """RMSNorm: y = x * 1/sqrt(mean(x^2) + eps) * gamma.   x [N, H], gamma [H]."""
-    ms = np.einsum("nh,nh->n", x, x)[:, None] * (1.0 / x.shape[-1])  # [N, 1] mean(x^2)
-    r = 1.0 / np.sqrt(ms + eps)  # [N, 1]
-    y = x * r
+    """RMSNorm: y = x * 1/sqrt(mean(x^2) + eps) * gamma.   x [N, H], gamma [H] -> [N, H]."""
+    n, h = x.shape
+    r = buffer(ws, key + "r", (n, 1), x.dtype)  # [N, 1]
+    np.einsum("nh,nh->n", x, x, out=r[:, 0])  # sum(x^2)
+    r *= 1.0 / h  # mean(x^2)
+    r += eps
+    np.sqrt(r, out=r)
+    np.reciprocal(r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
+    y = buffer(ws, key + "y", x.shape, x.dtype)
+    np.multiply(x, r, out=y)
     y *= gain
     return y, RMSNormCache(x, r)
 
 
 def rmsnorm_backward(
-    dy: np.ndarray, cache: RMSNormCache, gain: np.ndarray, dgain: np.ndarray
+    dy: np.ndarray,
+    cache: RMSNormCache,
+    gain: np.ndarray,
+    dgain: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
 ) -> np.ndarray:
     """RMSNorm backward, per row with r = (mean(x^2) + eps)^(-1/2):
     a = dy . g;  dx = r . a - x . r^3 . (sum_j a_j x_j) / H;  dg = sum over rows of dy . x . r.
+
+    (x . r^3 . sum(a x) / H equals xn . r . mean(a . xn) with xn = x . r, which is how it
+    is computed.) Returns dx [N, H].
     """
     x, r = cache
-    xn = x * r  # [N, H] normalized input
+    n, h = x.shape
+    xn = buffer(ws, key + "xn", x.shape, x.dtype)
+    np.multiply(x, r, out=xn)  # [N, H] normalized input
     dgain += np.einsum("nh,nh->h", dy, xn)
-    a = dy * gain  # [N, H]
-    # x . r^3 . sum(a x) / H  ==  xn . r . mean(a . xn)
-    proj = np.einsum("nh,nh->n", a, xn)[:, None] * (1.0 / x.shape[-1])  # [N, 1]
-    a -= xn * proj
-    a *= r
+    a = buffer(ws, key + "dx", x.shape, x.dtype)
+    np.multiply(dy, gain, out=a)  # a = dy . g   [N, H]
+    proj = buffer(ws, key + "proj", (n, 1), x.dtype)
+    np.einsum("nh,nh->n", a, xn, out=proj[:, 0])
+    proj *= 1.0 / h  # mean(a . xn)   [N, 1]
+    xn *= proj
+    a -= xn
+    a *= r  # dx
     return a
 
 
 # ---------------------------------------------------------------------------- Linear
 
 
-def linear_forward(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Linear: Y = X @ W^T, W stored [out_features, in_features], no bias."""
-    return x @ weight.T
+def linear_forward(
+    x: np.ndarray, weight: np.ndarray, ws: Workspace | None = None, key: str = ""
+) -> np.ndarray:
+    """Linear: Y = X @ W^T, W stored [out_features, in_features], no bias.  [N, in] -> [N, out]."""
+    out = buffer(ws, key + "y", (x.shape[0], weight.shape[0]), x.dtype)
+    return np.matmul(x, weight.T, out=out)
 
 
 def linear_backward(
-    dy: np.ndarray, x: np.ndarray, weight: np.ndarray, dweight: np.ndarray
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    dweight: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
 ) -> np.ndarray:
-    """dW += dY^T X;  dX = dY W."""
-    dweight += dy.T @ x
-    return dy @ weight
+    """Linear backward: dW += dY^T X;  dX = dY W.   dy [N, out], x [N, in] -> dx [N, in]."""
+    dweight += np.matmul(dy.T, x, out=buffer(ws, key + "dw", dweight.shape, dweight.dtype))
+    dx = buffer(ws, key + "dx", x.shape, x.dtype)
+    return np.matmul(dy, weight, out=dx)
 
 
 # ---------------------------------------------------------------------------- SwiGLU experts
@@ -85,8 +125,7 @@ def linear_backward(
 class SwiGLUCache(NamedTuple):
     x: np.ndarray  # [C, H] input rows, grouped by expert
     bounds: list[tuple[int, int, int]]  # (expert, first row, end row) of each non-empty expert
-    g: np.ndarray  # [C, F] G = x Wg^T
-    u: np.ndarray  # [C, F] U = x Wu^T
+    gu: np.ndarray  # [C, 2F] G | U = x [Wg; Wu]^T
     sig: np.ndarray  # [C, F] sigma(G)
     h: np.ndarray  # [C, F] h = s(G) . U
 
@@ -103,71 +142,77 @@ def expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
 
 def swiglu_forward(
     x: np.ndarray,
-    w_gate: np.ndarray,
-    w_up: np.ndarray,
+    w_gate_up: np.ndarray,
     w_down: np.ndarray,
     counts: list[int] | None = None,
+    ws: Workspace | None = None,
+    key: str = "",
 ) -> tuple[np.ndarray, SwiGLUCache]:
     """SwiGLU expert: out = Down(SiLU(Gate(x)) * Up(x)).
 
-    One expert: x [C, H]; w_gate, w_up [F, H]; w_down [H, F] -> out [C, H].
-    Stacked experts: w_gate, w_up [E, F, H]; w_down [E, H, F]; ``counts`` [E] rows of
-    each expert, x grouped by expert. Each expert is one product per weight, and the
-    element-wise SiLU . U runs once over all rows.
+    One expert: x [C, H]; w_gate_up [2F, H] (Wg stacked on Wu); w_down [H, F] -> [C, H].
+    Stacked experts: w_gate_up [E, 2F, H]; w_down [E, H, F]; ``counts`` [E] rows of each
+    expert, x grouped by expert. Each expert is two products (gate|up fused, then down),
+    and the element-wise SiLU . U runs once over all rows.
     """
     if counts is None:  # a single expert
-        w_gate, w_up, w_down, counts = w_gate[None], w_up[None], w_down[None], [x.shape[0]]
+        w_gate_up, w_down, counts = w_gate_up[None], w_down[None], [x.shape[0]]
     bounds = expert_bounds(counts)
-    rows, f = x.shape[0], w_gate.shape[1]
-    g = np.empty((rows, f), dtype=x.dtype)  # [C, F]
-    u = np.empty((rows, f), dtype=x.dtype)  # [C, F]
+    rows, f = x.shape[0], w_down.shape[2]
+    gu = buffer(ws, key + "gu", (rows, 2 * f), x.dtype)  # [C, 2F]
     for e, lo, hi in bounds:
-        np.matmul(x[lo:hi], w_gate[e].T, out=g[lo:hi])  # G = x Wg^T
-        np.matmul(x[lo:hi], w_up[e].T, out=u[lo:hi])  # U = x Wu^T
-    sig = sigmoid(g)  # [C, F]
-    h = g * sig  # SiLU: silu(G) = G sigma(G)
+        np.matmul(x[lo:hi], w_gate_up[e].T, out=gu[lo:hi])  # G | U = x [Wg; Wu]^T
+    g, u = gu[:, :f], gu[:, f:]
+    sig = sigmoid(g, out=buffer(ws, key + "sig", (rows, f), x.dtype))  # [C, F]
+    h = buffer(ws, key + "h", (rows, f), x.dtype)
+    np.multiply(g, sig, out=h)  # SiLU: silu(G) = G sigma(G)
     h *= u  # h = s(G) . U
-    out = np.empty_like(x)  # [C, H]
+    out = buffer(ws, key + "out", x.shape, x.dtype)  # [C, H]
     for e, lo, hi in bounds:
         np.matmul(h[lo:hi], w_down[e].T, out=out[lo:hi])  # Down(h)
-    return out, SwiGLUCache(x, bounds, g, u, sig, h)
+    return out, SwiGLUCache(x, bounds, gu, sig, h)
 
 
 def swiglu_backward(
     dout: np.ndarray,
     cache: SwiGLUCache,
-    w_gate: np.ndarray,
-    w_up: np.ndarray,
+    w_gate_up: np.ndarray,
     w_down: np.ndarray,
-    dw_gate: np.ndarray,
-    dw_up: np.ndarray,
+    dw_gate_up: np.ndarray,
     dw_down: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
 ) -> np.ndarray:
-    """SwiGLU backward (SPEC.md section 7), per expert for the products:
+    """SwiGLU backward, per expert for the products:
     dh = dout Wd; dWd += dout^T h; dG = dh . U . s'(G); dU = dh . s(G);
-    dx = dG Wg + dU Wu; dWg += dG^T x; dWu += dU^T x,
-    with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
+    dx = dG Wg + dU Wu = [dG dU] [Wg; Wu]; dWg += dG^T x; dWu += dU^T x (one product each
+    with gate|up fused), with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
     """
-    x, bounds, g, u, sig, h = cache
-    if w_gate.ndim == 2:  # a single expert
-        w_gate, w_up, w_down = w_gate[None], w_up[None], w_down[None]
-        dw_gate, dw_up, dw_down = dw_gate[None], dw_up[None], dw_down[None]
-    dh = np.empty_like(h)  # [C, F]
+    x, bounds, gu, sig, h = cache
+    if w_gate_up.ndim == 2:  # a single expert
+        w_gate_up, w_down = w_gate_up[None], w_down[None]
+        dw_gate_up, dw_down = dw_gate_up[None], dw_down[None]
+    rows, f = h.shape
+    dt = x.dtype
+    dh = buffer(ws, key + "dh", (rows, f), dt)  # [C, F]
+    dwd = buffer(ws, key + "dwd", dw_down.shape[1:], dt)  # [H, F]
     for e, lo, hi in bounds:
         np.matmul(dout[lo:hi], w_down[e], out=dh[lo:hi])  # dh = dout Wd
-        dw_down[e] += dout[lo:hi].T @ h[lo:hi]  # dWd += dout^T h   [H, F]
-    du = g * sig  # s(G)
+        dw_down[e] += np.matmul(dout[lo:hi].T, h[lo:hi], out=dwd)  # dWd += dout^T h
+    g, u = gu[:, :f], gu[:, f:]
+    dgu = buffer(ws, key + "dgu", (rows, 2 * f), dt)  # [C, 2F]
+    dg, du = dgu[:, :f], dgu[:, f:]
+    np.multiply(g, sig, out=du)  # s(G)
     du *= dh  # dU = dh . s(G)
-    dg = 1 - sig
+    np.subtract(1, sig, out=dg)
     dg *= g
     dg += 1
     dg *= sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G)))
     dg *= u
     dg *= dh  # dG = dh . U . s'(G)
-    dx = np.empty_like(x)  # [C, H]
+    dwgu = buffer(ws, key + "dwgu", dw_gate_up.shape[1:], dt)  # [2F, H]
+    dx = buffer(ws, key + "dx", x.shape, dt)  # [C, H]
     for e, lo, hi in bounds:
-        dw_gate[e] += dg[lo:hi].T @ x[lo:hi]  # dWg += dG^T x   [F, H]
-        dw_up[e] += du[lo:hi].T @ x[lo:hi]  # dWu += dU^T x   [F, H]
-        np.matmul(dg[lo:hi], w_gate[e], out=dx[lo:hi])  # dx = dG Wg + dU Wu
-        dx[lo:hi] += du[lo:hi] @ w_up[e]
+        dw_gate_up[e] += np.matmul(dgu[lo:hi].T, x[lo:hi], out=dwgu)  # dWg|dWu += [dG dU]^T x
+        np.matmul(dgu[lo:hi], w_gate_up[e], out=dx[lo:hi])  # dx = [dG dU] [Wg; Wu]
     return dx

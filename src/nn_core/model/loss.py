@@ -1,4 +1,4 @@
-"""Cross-entropy over the vocabulary (SPEC.md section 3).
+"""Cross-entropy over the vocabulary.
 
 Shapes: N tokens, V vocabulary.
 """
@@ -9,32 +9,43 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .tensor import exp_shifted
+from .workspace import Workspace, buffer
+
 
 class CECache(NamedTuple):
     probs: np.ndarray  # [N, V] softmax(logits)
     targets: np.ndarray  # [N] int
 
 
-def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> tuple[float, CECache]:
+def cross_entropy_forward(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
+) -> tuple[float, CECache]:
     """Cross-entropy: L = -(1/N) sum_i log softmax(logits_i)[target_i].
 
-    Numerically stable: log softmax = z - log sum exp z with z = logits - max.
+    Numerically stable: log softmax(z)_t = z_t - max z - log sum exp(z - max z), from the
+    same parts as the softmax (``tensor.exp_shifted``); no exp can overflow.
     """
     n = logits.shape[0]  # logits [N, V], targets [N]
-    z = logits - np.max(logits, axis=1, keepdims=True)  # [N, V]
-    e = np.exp(z)
-    sum_e = np.sum(e, axis=1)  # [N]
-    log_probs_target = z[np.arange(n), targets] - np.log(sum_e)  # [N]
-    loss = -float(np.mean(log_probs_target, dtype=np.float64))
-    e /= sum_e[:, None]  # probs [N, V]
+    e, m, s = exp_shifted(logits, 1, buffer(ws, key + "probs", logits.shape, logits.dtype))
+    rows = np.arange(n)
+    log_p_target = logits[rows, targets] - m[:, 0] - np.log(s[:, 0])  # [N]
+    loss = -float(np.mean(log_p_target, dtype=np.float64))
+    e /= s  # probs [N, V]
     return loss, CECache(e, targets)
 
 
-def cross_entropy_backward(cache: CECache) -> np.ndarray:
-    """CE gradient: dL/dlogits = (softmax(logits) - one_hot(target)) / N."""
+def cross_entropy_backward(cache: CECache, scale: float = 1.0) -> np.ndarray:
+    """CE gradient: dL/dlogits = (softmax(logits) - one_hot(target)) / N, times ``scale``.
+
+    Written into the cache's probability buffer (the cache is consumed by its backward).
+    """
     probs, targets = cache
     n = probs.shape[0]
-    dlogits = probs  # reuse the buffer: the cache is consumed by its backward
+    dlogits = probs
     dlogits[np.arange(n), targets] -= 1
-    dlogits *= 1.0 / n
+    dlogits *= scale / n
     return dlogits

@@ -1,51 +1,117 @@
 """The flat parameter store: one contiguous buffer, named views into it.
 
-Parameters live in one 1-D buffer and gradients in a second buffer with the
-same layout, so AdamW, global-norm clipping, zero_grad and checkpoint I/O are
-each a handful of vectorized calls over all tensors at once.
+Parameters live in one 1-D buffer and gradients in a second buffer with the same
+layout, so AdamW, global-norm clipping, zero_grad and checkpoint I/O are each a handful
+of vectorized calls over all tensors at once (the AdamW moments use two more buffers of
+the same layout).
+
+The buffer is cut into *slabs*, each a contiguous block that one matrix product reads
+whole. A slab holds one or more named tensors:
+
+    slab                       storage shape       named tensors (views)
+    layers.{i}.attn.qkv        [Q + 2KV, H]        q_proj [Q, H], k_proj [KV, H], v_proj [KV, H]
+    layers.{i}.moe.gate_up     [E, 2F, H]          gate_proj [E, F, H], up_proj [E, F, H]
+    (any other)                its own shape       itself
+
+so q|k|v is one product, and each expert's gate|up is one product, while every tensor
+keeps its own name and shape (``views``): what checkpoints, exports and users see.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 
+class Part(NamedTuple):
+    """A named tensor inside a slab: rows [start, stop) of the slab's axis ``axis``."""
+
+    name: str
+    shape: tuple[int, ...]  # the tensor's own shape
+    axis: int  # the slab axis the part is cut along
+    start: int
+    stop: int
+
+
+class Slab(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # storage shape
+    offset: int  # into the flat buffer
+    parts: tuple[Part, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def stacked(
+    slab: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]], axis: int = 0
+) -> tuple[str, tuple[int, ...], tuple[Part, ...]]:
+    """A slab of tensors stacked along ``axis`` (their other dimensions must agree)."""
+    others = {tuple(s[:axis]) + tuple(s[axis + 1 :]) for s in shapes}
+    if len(others) != 1:
+        raise ValueError(f"slab {slab}: shapes {list(shapes)} differ off axis {axis}")
+    parts, start = [], 0
+    for name, shape in zip(names, shapes):
+        parts.append(Part(name, tuple(shape), axis, start, start + shape[axis]))
+        start += shape[axis]
+    first = tuple(shapes[0])
+    return slab, first[:axis] + (start,) + first[axis + 1 :], tuple(parts)
+
+
+def single(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], tuple[Part, ...]]:
+    """A slab holding exactly one tensor."""
+    return name, tuple(shape), (Part(name, tuple(shape), 0, 0, shape[0]),)
+
+
 class ParamStore:
-    """Named tensors laid out back to back in ``flat`` (and ``grad``)."""
+    """Named tensors laid out back to back in ``flat`` (and ``grad``), slab by slab."""
 
-    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype):
+    def __init__(
+        self, layout: Sequence[tuple[str, tuple[int, ...], tuple[Part, ...]]], dtype: np.dtype
+    ):
         self.dtype = np.dtype(dtype)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.offsets: dict[str, int] = {}
+        self.slabs: dict[str, Slab] = {}
+        self.parts: dict[str, tuple[Slab, Part]] = {}
         offset = 0
-        for name, shape in specs:
-            if name in self.shapes:
-                raise ValueError(f"duplicate parameter name {name!r}")
-            self.shapes[name] = tuple(shape)
-            self.offsets[name] = offset
-            offset += math.prod(shape)
+        for slab_name, shape, parts in layout:
+            slab = Slab(slab_name, tuple(shape), offset, tuple(parts))
+            if slab_name in self.slabs:
+                raise ValueError(f"duplicate slab name {slab_name!r}")
+            self.slabs[slab_name] = slab
+            for part in parts:
+                if part.name in self.parts:
+                    raise ValueError(f"duplicate parameter name {part.name!r}")
+                self.parts[part.name] = (slab, part)
+            offset += slab.size
         self.size = offset
-        self.flat = np.zeros(offset, dtype=self.dtype)  # all parameters
-        self.grad = np.zeros(offset, dtype=self.dtype)  # all gradients, same layout
-        self.params = {name: self._view(self.flat, name) for name in self.shapes}
-        self.grads = {name: self._view(self.grad, name) for name in self.shapes}
+        self.flat = np.zeros(offset, dtype=self.dtype)  # all parameters   [P]
+        self.grad = np.zeros(offset, dtype=self.dtype)  # all gradients, same layout   [P]
+        self.params = self.views(self.flat)
+        self.grads = self.views(self.grad)
 
-    def _view(self, buffer: np.ndarray, name: str) -> np.ndarray:
-        start = self.offsets[name]
-        shape = self.shapes[name]
-        return buffer[start : start + math.prod(shape)].reshape(shape)
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each named tensor's shape, in layout order."""
+        return {name: part.shape for name, (_, part) in self.parts.items()}
 
-    def span(self, first: str, last: str, buffer: np.ndarray) -> np.ndarray:
-        """A 2-D view over consecutive tensors ``first..last`` stacked by rows.
+    def slab(self, name: str, buffer: np.ndarray) -> np.ndarray:
+        """The storage view of slab ``name`` in ``buffer`` (a flat buffer of this layout)."""
+        s = self.slabs[name]
+        return buffer[s.offset : s.offset + s.size].reshape(s.shape)
 
-        Used to fuse the q, k and v projections into one matrix product: their
-        weights are adjacent in the layout, so ``[Wq; Wk; Wv]`` needs no copy.
-        """
-        start = self.offsets[first]
-        end = self.offsets[last] + math.prod(self.shapes[last])
-        cols = self.shapes[first][-1]
-        if any(self.shapes[n][-1] != cols for n in (first, last)):
-            raise ValueError("span needs tensors with the same number of columns")
-        return buffer[start:end].reshape(-1, cols)
+    def view(self, name: str, buffer: np.ndarray) -> np.ndarray:
+        """Tensor ``name`` in ``buffer``: a view with the tensor's own shape."""
+        slab, part = self.parts[name]
+        whole = self.slab(slab.name, buffer)
+        index = (slice(None),) * part.axis + (slice(part.start, part.stop),)
+        return whole[index]
+
+    def views(self, buffer: np.ndarray) -> dict[str, np.ndarray]:
+        """Name -> view, for every tensor, in layout order (params, grads, AdamW moments)."""
+        if buffer.shape != (self.size,):
+            raise ValueError(f"a flat buffer of this layout has shape ({self.size},)")
+        return {name: self.view(name, buffer) for name in self.parts}

@@ -1,7 +1,8 @@
 """Array helpers shared by every layer: softmax, SiLU, seeded initialization.
 
-Everything here keeps the dtype it is given (float32 stays float32): Python
-float constants do not upcast under NumPy's promotion rules (NEP 50).
+Everything here keeps the dtype it is given (float32 stays float32): Python float
+constants do not upcast under NumPy's promotion rules (NEP 50). Functions that take
+``out`` write their result there (any array of the right shape, views included).
 """
 
 from __future__ import annotations
@@ -24,33 +25,64 @@ def check_dtype(dtype: object) -> np.dtype:
     return dt
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Softmax: p_i = exp(x_i - max x) / sum_j exp(x_j - max x).
+# ---------------------------------------------------------------------------- softmax
 
-    A row that is entirely -inf gives zeros, not NaN (SPEC.md section 2).
+
+def exp_shifted(
+    x: np.ndarray, axis: int = -1, out: np.ndarray | None = None, *, may_be_masked: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts of a softmax along ``axis``: (e = exp(x - max x), max x, sum e).
+
+    ``softmax`` divides e by its sum; the cross-entropy takes log softmax at the target
+    from the same parts (x_t - max - log sum). A row that is entirely -inf has max -inf;
+    with ``may_be_masked`` it gets e = 0 and sum 1 (so softmax gives zeros, not NaN).
+    Callers that know every row has a finite entry (attention: a query always sees its
+    own key) pass ``may_be_masked=False`` and save the check.
     """
     m = np.max(x, axis=axis, keepdims=True)
-    all_masked = None
-    if not np.isfinite(m).all():  # rare: rows of -inf (or inf/NaN, which stay visible)
-        all_masked = m == -np.inf
-        m = np.where(all_masked, 0, m)  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
-    e = np.exp(x - m)
+    masked = None
+    if may_be_masked and not np.isfinite(m).all():  # rare: rows of -inf (inf/NaN stay visible)
+        masked = m == -np.inf
+        m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
+    e = np.subtract(x, m, out=out)
+    np.exp(e, out=e)
     s = np.sum(e, axis=axis, keepdims=True)
-    if all_masked is not None:
-        s[all_masked] = 1
+    if masked is not None:
+        s[masked] = 1
+    return e, m, s
+
+
+def softmax(
+    x: np.ndarray, axis: int = -1, out: np.ndarray | None = None, *, may_be_masked: bool = True
+) -> np.ndarray:
+    """Softmax: p_i = exp(x_i - max x) / sum_j exp(x_j - max x).
+
+    A row that is entirely -inf gives zeros, not NaN. ``out`` may be ``x`` (in place).
+    """
+    e, _, s = exp_shifted(x, axis, out, may_be_masked=may_be_masked)
     e /= s
     return e
 
 
-def softmax_backward(dp: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Softmax backward: dz = p . (dp - sum_j p_j dp_j)."""
-    return p * (dp - np.sum(p * dp, axis=axis, keepdims=True))
+def softmax_backward(
+    dp: np.ndarray, p: np.ndarray, axis: int = -1, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Softmax backward: dz = p . (dp - sum_j p_j dp_j).   ``out`` may be ``dp``."""
+    dot = np.sum(p * dp, axis=axis, keepdims=True)  # sum_j p_j dp_j
+    dz = np.subtract(dp, dot, out=out)
+    dz *= p
+    return dz
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """sigma(x) = 1 / (1 + exp(-x)), without overflow warnings for very negative x."""
+# ---------------------------------------------------------------------------- SiLU
+
+
+def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """sigma(x) = 1 / (1 + exp(-x)), without overflow warnings for very negative x
+    (exp(-x) = inf gives exactly 0)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -66,15 +98,18 @@ def silu_grad(x: np.ndarray) -> np.ndarray:
     return sig * (1 + x * (1 - sig))
 
 
+# ---------------------------------------------------------------------------- init
+
+
 def kaiming_normal_(rng: np.random.Generator, out: np.ndarray, fan_in: int) -> None:
     """Kaiming/He init in place: normal with std = sqrt(2 / fan_in).
 
-    Drawn in float32 straight into ``out`` (a float64 ``out`` receives the same
-    float32 values, widened), so a float32 and a float64 model built from one
-    seed hold identical weights, and building the model allocates no temporaries.
+    Drawn in float32 (a float64 ``out`` receives the same float32 values, widened), so a
+    float32 and a float64 model built from one seed hold identical weights. ``out`` may
+    be a strided view; the draws fill it in C order either way.
     """
     std = np.float32(np.sqrt(2.0 / fan_in))
-    if out.dtype == np.float32:
+    if out.dtype == np.float32 and out.flags.c_contiguous:
         rng.standard_normal(dtype=np.float32, out=out)
         out *= std
     else:

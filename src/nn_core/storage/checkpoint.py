@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -313,24 +312,13 @@ def _model_state(model: MoETransformer) -> dict[str, Any]:
     }
 
 
-def _flat_offsets(model: MoETransformer) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """name -> (offset into flat_params, shape), from the views' addresses."""
-    flat = model.flat_params
-    base = flat.__array_interface__["data"][0]
-    out = {}
-    for name, view in model.parameters().items():
-        offset = (view.__array_interface__["data"][0] - base) // flat.itemsize
-        out[name] = (offset, view.shape)
-    return out
-
-
 def _moment_tensors(model: MoETransformer, m: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
     """AdamW moments [P] -> {"m.<name>": [...], "v.<name>": [...]} in the params' layout."""
     tensors = {}
-    for name, (offset, shape) in _flat_offsets(model).items():
-        size = math.prod(shape)
-        tensors["m." + name] = m[offset : offset + size].reshape(shape)
-        tensors["v." + name] = v[offset : offset + size].reshape(shape)
+    for name, view in model.store.views(m).items():
+        tensors["m." + name] = view
+    for name, view in model.store.views(v).items():
+        tensors["v." + name] = view
     return tensors
 
 
@@ -520,16 +508,14 @@ def load_training_checkpoint(path: PathLike, *, config: Config | None = None) ->
         if key not in state:
             raise CheckpointError(f"{ckpt / STATE_FILE} lacks the field {key!r}")
     model = _build_model(ckpt, state, config)
-    layout = _flat_offsets(model)
+    shapes = model.store.shapes
     expected = {}
-    for name, (_, shape) in layout.items():
-        expected["m." + name] = shape
-        expected["v." + name] = shape
+    for prefix in ("m.", "v."):
+        expected.update({prefix + name: shape for name, shape in shapes.items()})
     tensors = _read_tensor_file(ckpt, OPTIMIZER_FILE, state, expected, state["dtype"])
     m = np.zeros_like(model.flat_params)
     v = np.zeros_like(model.flat_params)
-    for name, (offset, shape) in layout.items():
-        size = math.prod(shape)
-        m[offset : offset + size] = tensors["m." + name].reshape(-1)
-        v[offset : offset + size] = tensors["v." + name].reshape(-1)
+    for prefix, flat in (("m.", m), ("v.", v)):
+        for name, view in model.store.views(flat).items():
+            np.copyto(view, tensors[prefix + name])
     return TrainingCheckpoint(ckpt, model, m, v, state)
