@@ -5,7 +5,8 @@ on parameters from its own seeded NumPy generator and a fixed batch, and stored 
 logits, the loss terms (CE, aux with alpha = 0.05) and slices of every parameter's
 gradient. Here nn-core loads the same parameters and must reproduce all of it. This is
 the whole-model check that still runs when torch is absent (the parity tests in
-tests/test_parity_torch.py need torch).
+tests/test_parity_torch.py need torch). When torch is present, the last test reruns
+make_golden.py and checks that the committed file is what the reference produces.
 
 Tolerance: relative error rel(a, b) = max|a - b| / max|b| per tensor (b golden) at most
 TOL_FLOAT64 = 1e-12 in float64 (measured: below 1e-14), and TOL_FLOAT32 = 1e-5 for the
@@ -15,12 +16,14 @@ float32 model's logits and loss (measured: below 1e-6).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from oracles import require_oracle
+from safetensors.numpy import load, load_file
 
 from nn_core import Config, MoETransformer
 
@@ -105,3 +108,27 @@ def test_float32_logits_and_loss_match_the_pytorch_golden(golden) -> None:
     print(f"\ngolden float32: worst relative error {max(errors.values()):.2e}")
     bad = {k: v for k, v in errors.items() if not v <= TOL_FLOAT32}
     assert not bad, bad
+
+
+def test_the_golden_file_is_what_the_pytorch_reference_produces(golden) -> None:
+    """Rerun tests/golden/make_golden.py in memory (needs torch): same inputs and
+    parameters bit for bit, same outputs to float64 rounding (another machine's torch
+    may round differently, so not byte for byte)."""
+    require_oracle("torch")
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+    assert spec is not None and spec.loader is not None
+    make_golden = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_golden)
+    blob, meta_bytes = make_golden.build()
+    meta, tensors = golden
+    fresh, fresh_meta = load(blob), json.loads(meta_bytes)
+    assert sorted(fresh) == sorted(tensors)
+    assert fresh_meta["config"] == meta["config"] and fresh_meta["seed"] == meta["seed"]
+    assert fresh_meta["grad_slices"] == meta["grad_slices"]
+    for name, value in tensors.items():
+        if name.startswith("param/") or name in ("ids", "targets"):
+            assert np.array_equal(fresh[name], value), name
+        else:
+            assert rel_err(fresh[name], value) <= 1e-13, name
+    for key, value in meta["loss"].items():
+        assert rel_err(fresh_meta["loss"][key], value) <= 1e-13, key
