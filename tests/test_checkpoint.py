@@ -35,6 +35,7 @@ from nn_core.training.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_worker import make_sampler, make_train_config  # noqa: E402
+from timeouts import SUBPROCESS_TIMEOUT  # noqa: E402
 
 TINY = Config.tiny()
 WORKER = Path(__file__).parent / "resume_worker.py"
@@ -157,7 +158,7 @@ def test_exact_resume_in_a_fresh_process(tmp_path: Path) -> None:
         [sys.executable, str(WORKER), str(tmp_path / "ckpt"), str(n - k), str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, done.stderr
     losses_rest = json.loads((tmp_path / "losses.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from timeouts import SUBPROCESS_TIMEOUT
 
 from nn_core import Config
 from nn_core.app.cli import main
@@ -354,7 +355,9 @@ def test_usage_errors_exit_2_with_one_line(straight_run, workdir, capsys):
 def test_real_exit_codes_and_stderr_in_a_subprocess(straight_run, workdir):
     def cli(*argv: object) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "nn_core", *map(str, argv)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=workdir)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, cwd=workdir
+        )
 
     missing = cli("generate", "--checkpoint", workdir / "missing", "--prompt", "x")
     assert missing.returncode == 1 and missing.stdout == ""

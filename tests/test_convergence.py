@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from timeouts import SUBPROCESS_TIMEOUT
 
 from nn_core.training.convergence import convergence_batch, main, run_convergence
 
@@ -55,7 +56,7 @@ def test_cli_module_entry_and_exit_status(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 1, done.stderr  # 2 steps cannot reach 0.05
     assert "NOT below 0.05" in done.stderr

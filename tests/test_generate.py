@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stats import chi_squared_test, inverse_cdf
 
 from nn_core import Config, MoETransformer
 from nn_core.errors import ConfigError, InputError
@@ -143,6 +144,40 @@ def test_vocab_limit_restricts_the_ids(model):
     assert generate(model, PROMPT, 12, vocab_limit=1)[len(PROMPT) :] == [0] * 6
     _, logits = _steps(model, np.array([PROMPT]), 3, vocab_limit=258)
     assert logits.shape[-1] == 258
+
+
+# ---- what generation samples from -------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES[1:], ids=repr)
+@pytest.mark.parametrize("cached", [True, False])
+def test_each_token_is_drawn_from_strategy_probs_of_the_models_next_token_logits(
+    model, strategy, cached
+):
+    prompts = np.array([PROMPT, PROMPT[::-1]])  # [2, 6]
+    steps = list(decode(model, prompts, 12, strategy, seed=21, vocab_limit=300, cached=cached))
+    rng = np.random.default_rng(21)
+    seq = prompts
+    for step in steps:
+        # the logits the strategy saw are the model's, for the last position, cut to 300
+        expected = model.forward(seq)[:, -1, :300]  # [2, 300]
+        np.testing.assert_allclose(
+            step.logits, expected, rtol=0, atol=2e-5 * np.abs(expected).max()
+        )
+        u = rng.random(2)  # one uniform per row per step, in row order
+        picks = [inverse_cdf(p.tolist(), u_b) for p, u_b in zip(strategy.probs(step.logits), u)]
+        assert step.tokens.tolist() == picks
+        seq = np.concatenate([seq, step.tokens[:, None]], axis=1)
+
+
+def test_first_token_frequencies_fit_strategy_probs(model):
+    """2000 identical prompts, one new token each: counts against probs (chi-squared)."""
+    strategy = TopK(5, 0.7)
+    (step,) = decode(model, np.tile(PROMPT, (2000, 1)), 1, strategy, seed=5, vocab_limit=16)
+    probs = strategy.probs(step.logits[0])  # [16]; every row has the same logits
+    np.testing.assert_allclose(strategy.probs(step.logits), np.tile(probs, (2000, 1)), atol=1e-6)
+    counts = np.bincount(step.tokens, minlength=16)
+    assert chi_squared_test(counts, probs)[2] > 1e-4
 
 
 # ---- batching and streaming ------------------------------------------------------------

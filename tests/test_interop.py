@@ -1,8 +1,9 @@
 """Weights PyTorch can load (issue 6): export, the README's PyTorch lines, import checks.
 
-The PyTorch part runs ``README_SNIPPET`` verbatim -- the lines the README shows -- on
-an exported file, and compares its greedy tokens and logits with nn-core's. Without
-torch installed those tests are reported SKIPPED; the import checks need no torch.
+The PyTorch part runs ``README_SNIPPET`` -- the lines the README shows, read from
+README.md -- on an exported file, and compares its greedy tokens and logits with
+nn-core's. Without torch installed those tests are reported SKIPPED (they fail under
+NN_CORE_REQUIRE_ORACLES=1, see tests/oracles.py); the import checks need no torch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracles import require_oracle
+from readme import readme_python_block
 from safetensors.numpy import load_file, save_file
 
 from nn_core import CheckpointError, Config, MoETransformer
@@ -33,25 +36,9 @@ from nn_core.training.train import TrainConfig, Trainer
 TINY = Config.tiny()
 TESTS = Path(__file__).resolve().parent
 
-# The README's lines, verbatim: load an exported file into the reference module
-# (tests/torch_reference.py) and generate greedy tokens.
-README_SNIPPET = """\
-import json
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-from torch_reference import TorchMoE, greedy_generate  # tests/torch_reference.py
-
-with safe_open("model.safetensors", framework="pt") as f:
-    meta = f.metadata()
-model = TorchMoE(json.loads(meta["nn_core_config"]), getattr(torch, meta["dtype"]))
-model.load_state_dict(load_file("model.safetensors"))
-prompt = list("def ".encode())  # byte tokenizer: token ids are the UTF-8 bytes
-tokens = greedy_generate(model, prompt, max_len=24)
-print(bytes(t for t in tokens if t < 256).decode("utf-8", "replace"))
-"""
+# The README's lines, read from README.md: load an exported file into the reference
+# module (tests/torch_reference.py) and generate greedy tokens.
+README_SNIPPET = readme_python_block("### Weights for PyTorch")
 
 
 def text_batches(steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -122,7 +109,7 @@ def test_export_verifies_the_checkpoint(run_dir: Path, tmp_path: Path) -> None:
 def test_readme_snippet_loads_into_torch_and_matches_greedy_tokens_and_logits(
     run_dir: Path, exported: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    torch = pytest.importorskip("torch")
+    torch = require_oracle("torch")
     monkeypatch.chdir(exported.parent)
     monkeypatch.syspath_prepend(str(TESTS))
     namespace: dict = {}

@@ -10,6 +10,7 @@ from gradcheck import check_gradient
 
 import nn_core
 from nn_core import Config, InputError, MoETransformer
+from nn_core.model.moe import aux_loss, router_forward
 
 # Small but complete: GQA (2 kv heads), NTK RoPE, 3 of 5 experts, two layers.
 SMALL = Config(
@@ -64,9 +65,53 @@ def test_loss_terms_add_up_and_match_forward():
     assert parts.ce == pytest.approx(
         -logp[np.arange(logp.shape[0]), targets.ravel()].mean(), rel=1e-13
     )
-    # aux without weight is zero; a layer's aux under alpha is alpha * E * sum f P >= alpha
-    assert model.loss_terms(ids, targets, 0.0).aux == 0.0
-    assert parts.aux >= 0.01 * SMALL.n_layers * (1 - 1e-12)
+    assert model.loss_terms(ids, targets, 0.0).aux == 0.0  # aux without weight is zero
+    e, k, n_layers = SMALL.n_experts, SMALL.top_k_experts, SMALL.n_layers
+    low, high = aux_bounds(0.01, e, k)
+    assert n_layers * low * (1 - 1e-12) <= parts.aux <= n_layers * high * (1 + 1e-12)
+
+
+def aux_bounds(alpha: float, e: int, k: int) -> tuple[float, float]:
+    """Bounds of one layer's aux loss L = alpha E sum_e f_e P_e (any routing, any input).
+
+    f_e = c_e / (N K), c_e = tokens keeping expert e; P_e = (1/N) sum_t p_te.
+    Upper: a token keeps an expert at most once, so c_e <= N and f_e <= 1/K; hence
+    sum_e f_e P_e <= (1/K) sum_e P_e = 1/K and L <= alpha E / K.
+    Lower: let a_e = tokens whose most probable expert is e (sum_e a_e = N). That
+    expert is kept, so c_e >= a_e, and its probability is a maximum, >= the mean 1/E,
+    so P_e >= a_e / (N E). Then sum_e f_e P_e >= sum_e a_e^2 / (N^2 K E)
+    >= (N^2 / E) / (N^2 K E) (Cauchy-Schwarz: sum a_e^2 >= (sum a_e)^2 / E), and
+    L >= alpha / (E K).
+    (L >= alpha is NOT true in general: see test_aux_loss_bounds_hold_and_alpha_is_not_one.)
+    """
+    return alpha / (e * k), alpha * e / k
+
+
+def test_aux_loss_bounds_hold_and_alpha_is_not_one():
+    alpha = 0.01
+    # E=2, K=1: three tokens barely prefer expert 0 (p ~ 1/2), one is sure of expert 1.
+    # f = (3/4, 1/4), P ~ (3/8, 5/8): L ~ alpha * 2 * (9/32 + 5/32) = 0.875 alpha < alpha.
+    w_router = np.array([[1e-9, 1e-9, 1e-9, 0.0], [0.0, 0.0, 0.0, 40.0]])  # [E=2, H=4]
+    routing = router_forward(np.eye(4), w_router, 1)
+    assert routing.counts.tolist() == [3, 1]
+    assert aux_loss(routing, alpha) == pytest.approx(0.875 * alpha, rel=1e-8)
+    # the bounds on random routings, including very peaked ones
+    rng = np.random.default_rng(0)
+    for e, k in [(2, 1), (4, 1), (4, 2), (5, 3), (8, 2), (3, 3)]:
+        low, high = aux_bounds(alpha, e, k)
+        for scale in (0.1, 1.0, 10.0, 100.0):
+            x = rng.normal(size=(int(rng.integers(1, 20)), 6))  # [N, H]
+            aux = aux_loss(router_forward(x, scale * rng.normal(size=(e, 6)), k), alpha)
+            assert low * (1 - 1e-12) <= aux <= high * (1 + 1e-12), (e, k, scale, aux)
+
+
+def test_aux_loss_with_every_expert_kept_is_exactly_alpha_per_layer():
+    # K = E: every f_e = 1/E, so L = alpha E sum_e P_e / E = alpha (sum_e P_e = 1)
+    cfg = SMALL.replace(top_k_experts=SMALL.n_experts)
+    model = MoETransformer(cfg, seed=2, dtype=np.float64)
+    ids, targets = batch(cfg)
+    aux = model.loss_terms(ids, targets, 0.03).aux
+    assert aux == pytest.approx(0.03 * cfg.n_layers, rel=1e-13)
 
 
 def test_two_backwards_accumulate_and_loss_and_grad_zeroes_first():

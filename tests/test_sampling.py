@@ -1,11 +1,25 @@
-"""Tests of nn_core.inference.sampling: greedy / temperature / top-k / top-p and their contracts."""
+"""Tests of nn_core.inference.sampling: greedy / temperature / top-k / top-p and their contracts.
+
+The distribution each strategy samples from (``strategy.probs``) is compared with a
+direct formula written here in plain Python (sorted lists, loops, math.exp), at
+temperatures other than 1, on rows with exact ties, near-ties (1e-12 apart) and ties
+at the top-k and top-p boundaries; the draws of ``pick_tokens`` are compared with
+``probs`` by a chi-squared test (tests/stats.py, significance 1e-4, fixed seeds).
+The same checking function, ``distribution_errors``, must report the sampling bugs
+that once passed every test (mutants below), injected into ``probs`` or into the
+sampling alone.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from stats import chi2_sf, chi_squared_test, inverse_cdf
 
 from nn_core.errors import ConfigError, InputError
 from nn_core.inference.sampling import (
@@ -16,7 +30,10 @@ from nn_core.inference.sampling import (
     TopP,
     check_logits,
     make_strategy,
+    sample_mult,
     softmax64,
+    top_k_mask,
+    top_p_mask,
 )
 
 STOCHASTIC = [Temperature(1.0), Temperature(0.7), TopK(3), TopK(5, 1.3), TopP(0.8), TopP(1.0, 0.5)]
@@ -98,15 +115,6 @@ def test_top_p_one_can_pick_every_token_with_nonzero_probability():
     row = np.append(np.log([0.02, 0.5, 0.3, 0.1, 0.08]), -np.inf)  # last token: probability 0
     picks = _draws(TopP(1.0), row, 5000)
     assert set(picks.tolist()) == {0, 1, 2, 3, 4}
-
-
-def test_temperature_one_frequencies_match_softmax():
-    row = np.array([0.5, -1.0, 2.0, 0.0, 1.0])
-    n = 20000
-    expected = n * softmax64(row[None, :], 1.0)[0]  # [V]
-    counts = np.bincount(_draws(Temperature(1.0), row, n, seed=11), minlength=row.size)
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 25.0  # df = 4; P(chi2 > 18.5) = 0.001
 
 
 def test_temperature_scales_the_distribution():
@@ -253,3 +261,332 @@ def test_make_strategy():
         make_strategy("top_k", top_k=0)
     with pytest.raises(ConfigError, match="top_p"):
         make_strategy("top_p", top_p=2.0)
+
+
+# ---- the distribution each strategy samples from, against a direct formula -------------
+
+INF = math.inf
+ROWS: dict[str, list[float]] = {  # V = 8 logits each
+    "random": [0.19, -1.98, 1.13, 0.16, -0.81, 0.55, 1.96, -0.39],
+    "exact ties": [1.0, 2.0, 2.0, 0.5, 2.0, -1.0, 0.5, 0.0],
+    "near ties": [1.0, 1.0 + 1e-12, 1.0 - 1e-12, 0.3, 1.0, 0.3 + 1e-12, -2.0, 0.3],
+    "masked": [-INF, 0.5, 0.5, -INF, 2.0, 0.0, -INF, 1.0],
+    "uniform": [0.7] * 8,  # probabilities exactly 1/8: exact top-p boundaries
+    "large spread": [30.0, 0.0, -30.0, 10.0, 10.0, 29.0, -5.0, 0.0],
+    "top-k boundary tie": [0.1, 2.0, 1.0, 1.5, 1.0, 1.0, -0.5, 0.9],
+    "top-k boundary near tie": [0.1, 2.0, 1.0, 1.5, 1.0 + 1e-12, 1.0, -0.5, 0.9],
+}
+GREEDY = [Greedy(), Temperature(0), TopK(3, 0.0), TopP(0.5, 0.0)]
+SAMPLERS = [
+    Temperature(0.5), Temperature(0.7), Temperature(1.0), Temperature(1.3), Temperature(2.0),
+    TopK(1, 1.3), TopK(2, 1.0), TopK(3, 0.7), TopK(3, 2.0), TopK(5, 0.5), TopK(100, 1.3),
+    TopP(0.125, 1.0), TopP(0.5, 0.7), TopP(0.6, 1.3), TopP(0.8, 0.5), TopP(0.9, 2.0),
+    TopP(0.95, 0.7), TopP(1.0, 0.5),
+]  # fmt: skip
+RTOL = 1e-12  # float64 rounding of the same formula computed two ways
+ALPHA = 1e-4  # significance of each chi-squared test
+DRAWS = 20000  # per (strategy, row)
+
+
+def ref_softmax(row: Sequence[float], t: float) -> list[float]:
+    """exp((x_i - max x) / t) / sum_j exp((x_j - max x) / t); -inf -> 0."""
+    top = max(x for x in row if x != -INF)
+    e = [0.0 if x == -INF else math.exp((x - top) / t) for x in row]
+    total = math.fsum(e)
+    return [v / total for v in e]
+
+
+def ref_probs(strategy: SamplingStrategy, row: Sequence[float]) -> list[float]:
+    """The distribution the strategy's documentation promises, from its parameters."""
+    v = len(row)
+    t = getattr(strategy, "temperature", 0.0)
+    if t == 0:  # greedy: the first (lowest) id of the maximum
+        best = min(i for i in range(v) if row[i] == max(row))
+        return [1.0 if i == best else 0.0 for i in range(v)]
+    if isinstance(strategy, Temperature):
+        return ref_softmax(row, t)
+    if isinstance(strategy, TopK):
+        kept = sorted(range(v), key=lambda i: (-row[i], i))[: strategy.k]  # ties: lower id
+        return ref_softmax([row[i] if i in kept else -INF for i in range(v)], t)
+    assert isinstance(strategy, TopP)
+    q = ref_softmax(row, t)
+    nucleus: list[int] = []
+    mass = 0.0
+    for i in sorted(range(v), key=lambda i: (-q[i], i)):  # most probable first, ties: lower id
+        if strategy.p < 1 and mass >= strategy.p:
+            break  # the nucleus reached p
+        nucleus.append(i)
+        mass += q[i]
+    total = math.fsum(q[i] for i in nucleus)
+    return [q[i] / total if i in nucleus else 0.0 for i in range(v)]
+
+
+def probs_errors(strategy: SamplingStrategy, rows: dict[str, list[float]]) -> list[str]:
+    """Where ``strategy.probs`` differs from ``ref_probs`` (batch and single rows)."""
+    errors = []
+    batch = strategy.probs(np.array(list(rows.values())))  # [B, V]
+    for (name, row), got in zip(rows.items(), batch):
+        want = np.array(ref_probs(strategy, row))
+        single = strategy.probs(np.array(row))  # [V]
+        if not np.array_equal(single, got):
+            errors.append(f"{strategy!r} on {name!r}: probs of one row != its batch row")
+        if got.dtype != np.float64 or not np.all(np.abs(got - want) <= RTOL * want):
+            errors.append(f"{strategy!r} on {name!r}: probs {got.tolist()} != {want.tolist()}")
+    return errors
+
+
+def frequency_errors(
+    strategy: SamplingStrategy, rows: dict[str, list[float]], draws: int = DRAWS
+) -> list[str]:
+    """Where the draws of ``pick_tokens`` do not fit ``strategy.probs`` (chi-squared)."""
+    errors = []
+    for seed, (name, row) in enumerate(rows.items()):
+        probs = strategy.probs(np.array(row))  # [V]
+        picks = strategy.pick_tokens(np.tile(row, (draws, 1)), _rng(100 + seed))  # [draws]
+        counts = np.bincount(picks, minlength=len(row))  # [V]
+        stat, df, p_value = chi_squared_test(counts, probs)
+        if not p_value > ALPHA:
+            errors.append(
+                f"{strategy!r} on {name!r}: counts {counts.tolist()} do not fit probs "
+                f"(chi2 {stat:.1f}, df {df}, p {p_value:.1e} <= {ALPHA})"
+            )
+    return errors
+
+
+def distribution_errors(
+    strategy: SamplingStrategy, rows: dict[str, list[float]] = ROWS
+) -> list[str]:
+    """Every way the strategy's distribution or its sampling is wrong (empty: none)."""
+    return probs_errors(strategy, rows) + frequency_errors(strategy, rows)
+
+
+@pytest.mark.parametrize("strategy", GREEDY + SAMPLERS, ids=repr)
+def test_probs_equal_the_direct_formula(strategy):
+    assert probs_errors(strategy, ROWS) == []
+
+
+@pytest.mark.parametrize("strategy", GREEDY + SAMPLERS, ids=repr)
+def test_sampling_frequencies_fit_probs(strategy):
+    assert frequency_errors(strategy, ROWS) == []
+
+
+def _support(strategy: SamplingStrategy, row: Sequence[float]) -> set[int]:
+    assert probs_errors(strategy, {"row": list(row)}) == []
+    return set(np.flatnonzero(strategy.probs(np.array(row))).tolist())
+
+
+@pytest.mark.parametrize("t", [0.5, 0.7, 1.3, 2.0])
+def test_ties_and_near_ties_at_the_top_k_boundary(t):
+    assert _support(TopK(3, t), ROWS["top-k boundary tie"]) == {1, 3, 2}  # tie: lower id
+    assert _support(TopK(3, t), ROWS["top-k boundary near tie"]) == {1, 3, 4}  # 1e-12 more
+    assert _support(TopK(1, t), ROWS["near ties"]) == {1}
+    assert _support(TopK(1, t), ROWS["exact ties"]) == {1}
+    assert _support(TopK(2, t), ROWS["exact ties"]) == {1, 2}
+
+
+@pytest.mark.parametrize("t", [0.5, 0.7, 1.3, 2.0])
+def test_ties_and_near_ties_at_the_top_p_boundary(t):
+    uniform = ROWS["uniform"]  # every probability exactly 1/8
+    assert _support(TopP(0.5, t), uniform) == {0, 1, 2, 3}  # 4/8 reaches p: the 5th is out
+    assert _support(TopP(0.5 + 1e-12, t), uniform) == {0, 1, 2, 3, 4}
+    assert _support(TopP(0.5 - 1e-12, t), uniform) == {0, 1, 2, 3}
+    assert _support(TopP(0.125, t), uniform) == {0}
+    # a tied group of four straddles the boundary: its lower ids come first
+    tied = [3.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 0.0]
+    q = ref_softmax(tied, t)
+    assert _support(TopP(q[0] + 1.5 * q[1], t), tied) == {0, 1, 2}
+    assert _support(TopP(q[0] + 3.5 * q[1], t), tied) == {0, 1, 2, 3, 4}
+    # near ties rank by value: 1 (1 + 1e-12), then 0 and 4 (1.0), then 2 (1 - 1e-12)
+    near = ROWS["near ties"]
+    q = ref_softmax(near, t)
+    assert _support(TopP(q[1] + 0.5 * q[0], t), near) == {1, 0}
+    assert _support(TopP(q[1] + q[0] + 0.5 * q[4], t), near) == {1, 0, 4}
+    assert _support(TopP(q[1] + q[0] + q[4] + 0.5 * q[2], t), near) == {1, 0, 4, 2}
+    assert _support(TopP(q[1] + q[0] + q[4] + q[2] + 0.5 * q[5], t), near) == {1, 0, 4, 2, 5}
+
+
+def test_probs_api():
+    x = np.array(list(ROWS.values()), dtype=np.float32)  # [B, V] float32 logits
+    for strategy in GREEDY + SAMPLERS:
+        batch = strategy.probs(x)
+        assert batch.shape == x.shape and batch.dtype == np.float64
+        np.testing.assert_allclose(batch.sum(axis=1), 1.0, rtol=0, atol=1e-15 * x.shape[1])
+        assert np.array_equal(batch, strategy.probs(x.astype(np.float64)))  # exact widening
+        assert strategy.probs(x[0]).shape == (x.shape[1],)
+        assert strategy.probs(x[0].tolist()).tolist() == batch[0].tolist()
+    for strategy in GREEDY:  # a one-hot on exactly the token greedy picks
+        assert np.argmax(strategy.probs(x), axis=1).tolist() == strategy.pick_tokens(x).tolist()
+        assert set(strategy.probs(x).ravel().tolist()) == {0.0, 1.0}
+    with pytest.raises(InputError, match="logits"):
+        Temperature(0.7).probs(np.zeros((2, 3, 4)))
+    with pytest.raises(InputError, match="NaN"):
+        TopP(0.9).probs([0.0, np.nan])
+
+
+@pytest.mark.parametrize("strategy", SAMPLERS, ids=repr)
+def test_pick_tokens_is_the_inverse_cdf_of_probs_with_one_uniform_per_row(strategy):
+    x = np.array(list(ROWS.values()) * 40)  # [320, V]
+    picks = strategy.pick_tokens(x, _rng(8))
+    u = _rng(8).random(x.shape[0])  # [B]: the uniforms pick_tokens drew, in row order
+    want = [inverse_cdf(row.tolist(), u_b) for row, u_b in zip(strategy.probs(x), u)]
+    assert picks.tolist() == want
+
+
+@pytest.mark.parametrize("strategy", GREEDY + SAMPLERS, ids=repr)
+def test_pick_tokens_equals_pick_token_row_by_row_on_ties(strategy):
+    x = np.array(list(ROWS.values()) * 5)  # [40, V]
+    batch = strategy.pick_tokens(x, _rng(9))
+    rng = _rng(9)
+    assert batch.tolist() == [strategy.pick_token(row, rng) for row in x]
+
+
+# ---- the chi-squared helper (tests/stats.py) --------------------------------------------
+
+# Critical values from the standard chi-squared table: P(X >= x) for X ~ chi2(df).
+CHI2_TABLE = [
+    (1, 3.841, 0.05), (1, 6.635, 0.01), (1, 10.828, 0.001), (2, 5.991, 0.05),
+    (2, 13.816, 0.001), (3, 7.815, 0.05), (4, 9.488, 0.05), (4, 18.467, 0.001),
+    (5, 11.070, 0.05), (7, 24.322, 0.001), (10, 18.307, 0.05), (10, 29.588, 0.001),
+    (30, 43.773, 0.05), (100, 124.342, 0.05),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("df", "x", "p"), CHI2_TABLE)
+def test_chi2_sf_matches_the_table(df, x, p):
+    assert chi2_sf(x, df) == pytest.approx(p, rel=2e-3)  # the table has 4 digits
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 6, 11])
+def test_chi2_sf_is_the_integral_of_the_density(df):
+    """Q(x) = integral from x to infinity of x^(k/2-1) e^(-x/2) / (2^(k/2) Gamma(k/2))."""
+
+    def pdf(z: np.ndarray) -> np.ndarray:
+        log = (df / 2 - 1) * np.log(z) - z / 2 - df / 2 * math.log(2) - math.lgamma(df / 2)
+        return np.exp(log)
+
+    for x in (0.5, 2.0, df, 3.0 * df + 10):
+        z = np.linspace(x, x + 400.0, 400_001)  # Simpson's rule; the tail beyond is < 1e-80
+        f = pdf(z)
+        h = z[1] - z[0]
+        integral = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+        assert chi2_sf(x, df) == pytest.approx(integral, rel=1e-9, abs=1e-300)
+    assert chi2_sf(0.0, df) == 1.0
+    with pytest.raises(ValueError, match="df"):
+        chi2_sf(1.0, 0)
+
+
+def test_chi_squared_test_pools_small_bins_and_rejects_impossible_draws():
+    probs = np.array([0.5, 0.3, 0.2, 1e-9, 0.0])
+    stat, df, p = chi_squared_test(np.array([500, 300, 200, 0, 0]), probs)
+    assert (stat, p) == (pytest.approx(0.0, abs=1e-6), pytest.approx(1.0)) and df == 2
+    assert chi_squared_test(np.array([500, 300, 199, 0, 1]), probs)[2] == 0.0  # p_4 = 0
+    assert chi_squared_test(np.array([900, 50, 50, 0, 0]), probs)[2] < 1e-50
+    assert chi_squared_test(np.array([7, 0]), np.array([1.0, 0.0])) == (0.0, 0, 1.0)
+
+
+# ---- mutants: the sampling bugs these tests exist to catch -------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformNucleus(TopP):
+    """Bug: top-p picks uniformly inside the nucleus."""
+
+    def _probs(self, logits):
+        keep = top_p_mask(softmax64(logits, self.temperature), float(self.p))
+        return keep / keep.sum(axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKWithoutTemperature(TopK):
+    """Bug: top-k ignores the temperature."""
+
+    def _probs(self, logits):
+        return softmax64(np.where(top_k_mask(logits, self.k), logits, -np.inf), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class NucleusNotRenormalized(TopP):
+    """Bug: the nucleus is not renormalized; the left-over mass goes to the last kept
+    token (what inverse CDF without the total does: u beyond the kept mass falls there)."""
+
+    def _probs(self, logits):
+        q = softmax64(logits, self.temperature)
+        kept = np.where(top_p_mask(q, float(self.p)), q, 0.0)
+        rows = np.arange(kept.shape[0])
+        last = kept.shape[1] - 1 - np.argmax(kept[:, ::-1] > 0, axis=1)  # highest kept id
+        kept[rows, last] += 1.0 - kept.sum(axis=1)
+        return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class TopPWithoutTemperature(TopP):
+    """Bug: top-p ignores the temperature."""
+
+    def _probs(self, logits):
+        return TopP(self.p, 1.0)._probs(logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class NucleusChosenAtTemperatureOne(TopP):
+    """Bug: the nucleus is chosen before the temperature, then sampled with it."""
+
+    def _probs(self, logits):
+        kept = np.where(top_p_mask(softmax64(logits, 1.0), float(self.p)), logits, -np.inf)
+        return softmax64(kept, self.temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class NucleusKeepsTheBoundary(TopP):
+    """Bug: ``mass before <= p`` -- an id is kept although the mass already reached p."""
+
+    def _probs(self, logits):
+        return TopP(float(np.nextafter(self.p, 2.0)), self.temperature)._probs(logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKTiesToTheHigherId(TopK):
+    """Bug: a tie at the top-k boundary goes to the higher id."""
+
+    def _probs(self, logits):
+        flipped = top_k_mask(logits[:, ::-1], self.k)[:, ::-1]
+        return softmax64(np.where(flipped, logits, -np.inf), self.temperature)
+
+
+MUTANTS = [  # the four of issue 15 first
+    UniformNucleus(0.8, 0.7),
+    TopKWithoutTemperature(3, 0.5),
+    NucleusNotRenormalized(0.6, 1.3),
+    TopPWithoutTemperature(0.8, 0.5),
+    NucleusChosenAtTemperatureOne(0.6, 2.0),
+    NucleusKeepsTheBoundary(0.5, 1.3),
+    TopKTiesToTheHigherId(3, 0.7),
+]
+
+
+def sampling_only(mutant: SamplingStrategy) -> SamplingStrategy:
+    """The mutant's bug in the sampling alone: ``probs`` stays right, the draws do not."""
+    real = type(mutant).__mro__[1]  # TopP or TopK
+    bug = type(mutant)._probs
+
+    class SampledWrongly(real):  # type: ignore[valid-type, misc]
+        def pick_tokens(self, logits, rng=None):
+            x = check_logits(logits, ndim=2).astype(np.float64)
+            return sample_mult(bug(self, x), rng.random(x.shape[0]))
+
+    SampledWrongly.__name__ = SampledWrongly.__qualname__ = f"SamplesAs{type(mutant).__name__}"
+    return SampledWrongly(**dataclasses.asdict(mutant))
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: type(m).__name__)
+def test_each_mutant_distribution_is_caught(mutant):
+    errors = distribution_errors(mutant)
+    assert errors, f"{mutant!r} passed the distribution checks"
+    assert probs_errors(mutant, ROWS)  # caught exactly, against the direct formula
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: type(m).__name__)
+def test_each_mutant_in_the_sampling_alone_is_caught_by_the_frequencies(mutant):
+    wrong = sampling_only(mutant)
+    assert probs_errors(wrong, ROWS) == []  # its probs are right...
+    assert frequency_errors(wrong, ROWS), f"{wrong!r} sampled wrongly unnoticed"
+    assert distribution_errors(wrong)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from timeouts import SUBPROCESS_TIMEOUT
 
 from nn_core.data.text import (
     DEFAULT_CORPUS_MODULES,
@@ -100,7 +103,11 @@ def test_default_corpus_is_deterministic_across_processes():
     )
     digests = {
         subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=SUBPROCESS_TIMEOUT,
         ).stdout
         for _ in range(2)
     }
@@ -151,13 +158,38 @@ def test_load_text_errors_name_the_path(tmp_path, make):
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads anything")
-def test_load_text_unreadable(tmp_path):
+def test_load_text_unreadable(tmp_path, monkeypatch):
+    """The permission branch, whatever the user id (root reads a chmod 0 file)."""
     path = tmp_path / "secret.txt"
     path.write_text("x")
-    path.chmod(0)
-    with pytest.raises(InputError, match="permission"):
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(type(path), "read_bytes", denied)
+    with pytest.raises(InputError, match=r"secret\.txt: permission denied$"):
         load_text(path)
+
+
+# Write-only sysctl files: the kernel refuses to read them even to root (EACCES).
+WRITE_ONLY = [Path("/proc/sys/vm/drop_caches"), Path("/proc/sys/vm/compact_memory")]
+
+
+@pytest.mark.skipif(not any(p.exists() for p in WRITE_ONLY), reason="Linux /proc/sys only")
+def test_load_text_permission_denied_by_the_os():
+    path = next(p for p in WRITE_ONLY if p.exists())
+    with pytest.raises(InputError, match=rf"^text file {path}: permission denied$"):
+        load_text(path)
+
+
+def test_load_text_other_os_errors_name_the_cause(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match=r"a_file/t\.txt: cannot read \(Not a directory\)"):
+        load_text(a_file / "t.txt")  # ENOTDIR: the parent is a file
+    if Path("/proc/self/mem").exists():  # EIO: address 0 of a process is never mapped
+        with pytest.raises(InputError, match=r"cannot read \(Input/output error\)"):
+            load_text("/proc/self/mem")
 
 
 # ---- splits and batches ----------------------------------------------------------------

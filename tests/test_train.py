@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import tracemalloc
 
 import numpy as np
@@ -238,8 +237,9 @@ def test_adamw_state_dict_round_trip_and_checks() -> None:
         AdamW(p, np.zeros(10, np.float64))
 
 
-def test_adamw_update_is_fast_and_allocates_no_big_temporaries() -> None:
-    """SPEC small config size (7.1M parameters), float32; prints the measured time."""
+def test_adamw_update_allocates_no_big_temporaries() -> None:
+    """SPEC small config size (7.1M parameters), float32. Its speed is the benchmark's
+    business (the training scenarios), never a bound in a unit test."""
     n = Config.small().total_params()
     rng = np.random.default_rng(0)
     p = rng.normal(size=n).astype(np.float32)
@@ -250,14 +250,6 @@ def test_adamw_update_is_fast_and_allocates_no_big_temporaries() -> None:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1 << 20  # one block of scratch, not a [P] temporary (28 MB here)
-    times = []
-    for t in range(2, 7):
-        start = time.perf_counter()
-        adamw_update(p, g, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, t)
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
-    print(f"\nadamw_update on {n} float32 params: median {median * 1e3:.1f} ms")
-    assert median < 0.15  # ~20 ms on a 2-core EPYC; the bound only catches a regression
 
 
 # ---- clipping --------------------------------------------------------------------------

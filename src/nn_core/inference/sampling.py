@@ -5,11 +5,22 @@ As in llama2.c's ``run.c``: a few small pure functions on rows of logits
 behind one dispatcher, ``SamplingStrategy.pick_tokens``. Each strategy is a frozen
 dataclass that rejects bad parameters on construction (ConfigError).
 
+The distribution a strategy samples from is public: ``strategy.probs(logits)`` returns
+it as float64 probabilities (rows sum to 1), and ``pick_tokens`` draws by inverse CDF
+over exactly that function's output -- one implementation, so the distribution can be
+checked against a direct formula and the draws against the distribution:
+- Temperature(t): p = softmax(logits / t).
+- TopK(k, t): softmax(logits / t) over the k highest logits, 0 elsewhere.
+- TopP(p, t): q = softmax(logits / t); the nucleus is the smallest set of most probable
+  ids whose mass under q reaches p; q renormalized over the nucleus, 0 elsewhere.
+- Greedy, and any strategy at temperature 0: a one-hot on the argmax.
+Ties: the lower id wins (argmax, the top-k boundary, the order of the nucleus).
+
 Randomness and reproducibility:
 - Every draw comes from the ``np.random.Generator`` passed in; there is no global state.
 - A stochastic strategy draws exactly ONE uniform per row, in row order
-  (``rng.random(B)``), and turns it into a token by inverse CDF over the row's
-  probabilities. So ``pick_tokens`` on a batch returns the same tokens as
+  (``rng.random(B)``), and turns it into a token by inverse CDF over the row of
+  ``probs``. So ``pick_tokens`` on a batch returns the same tokens as
   ``pick_token`` row by row with a generator in the same state.
 - Temperature 0 means greedy (argmax, lowest id on ties) and draws nothing.
 - Probabilities are computed in float64, with the row max subtracted before scaling.
@@ -109,12 +120,17 @@ def top_k_mask(logits: NDArray[np.float64], k: int) -> NDArray[np.bool_]:
 
 def top_p_mask(probs: NDArray[np.float64], p: float) -> NDArray[np.bool_]:
     """[B, V] -> [B, V] bool: the nucleus, the smallest set of most-probable ids whose
-    probability reaches p (the most probable id is always kept; p = 1 keeps all)."""
+    probability reaches p (the most probable id is always kept; p = 1 keeps all).
+
+    Ids are ranked by probability, the lower id first on ties; an id is kept when the
+    mass of the ids ranked before it is still below p.
+    """
     if p >= 1.0:
         return np.ones(probs.shape, dtype=np.bool_)
     order = np.argsort(-probs, axis=-1, kind="stable")  # [B, V] ids, most probable first
     sorted_p = np.take_along_axis(probs, order, axis=-1)  # [B, V]
-    mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p  # [B, V] mass strictly ahead
+    mass_before = np.zeros_like(sorted_p)  # [B, V] mass strictly ahead, as a running sum
+    np.cumsum(sorted_p[:, :-1], axis=-1, out=mass_before[:, 1:])
     keep = np.empty(probs.shape, dtype=np.bool_)  # [B, V]
     np.put_along_axis(keep, order, mass_before < p, axis=-1)
     return keep
@@ -138,27 +154,45 @@ def _check_temperature(temperature: Any) -> None:
 
 @dataclass(frozen=True)
 class SamplingStrategy:
-    """Turns logits into token ids. Subclasses define ``is_greedy`` and ``_sample``."""
+    """Turns logits into token ids. Subclasses define ``is_greedy`` and ``_probs``."""
 
     @property
     def is_greedy(self) -> bool:
         """True when picks are the argmax and no random number is drawn."""
         return True
 
-    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+    def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
+        """[B, V] float64 logits -> [B, V] float64 probabilities (not greedy)."""
         raise NotImplementedError  # pragma: no cover
+
+    def probs(self, logits: ArrayLike) -> NDArray[np.float64]:
+        """The distribution ``pick_tokens`` samples from, float64; each row sums to 1.
+
+        Logits [B, V] -> [B, V], or one row [V] -> [V]. Greedy (temperature 0): a
+        one-hot on the argmax (lowest id on ties).
+        """
+        arr = np.asarray(logits)
+        x = check_logits(arr, ndim=1 if arr.ndim == 1 else 2)  # [V] or [B, V]
+        rows = x.reshape(-1, x.shape[-1])  # [B, V] (B = 1 for one row)
+        if self.is_greedy:
+            out = np.zeros(rows.shape, dtype=np.float64)  # [B, V]
+            np.put_along_axis(out, sample_argmax(rows)[:, None], 1.0, axis=-1)
+        else:
+            out = self._probs(rows.astype(np.float64, copy=False))
+        return out.reshape(x.shape)
 
     def pick_tokens(
         self, logits: ArrayLike, rng: np.random.Generator | None = None
     ) -> NDArray[np.int64]:
-        """Logits [B, V] -> token ids int64 [B]. Draws one uniform per row (row order)."""
+        """Logits [B, V] -> token ids int64 [B]: inverse CDF over ``probs``, one uniform
+        per row (row order); greedy takes the argmax and draws nothing."""
         x = check_logits(logits, ndim=2)  # [B, V], the logits' own float dtype
         if self.is_greedy:
-            return sample_argmax(x)  # exact in any float dtype: no float64 copy
+            return sample_argmax(x)  # the one-hot of probs; exact in any float dtype, no copy
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"{self!r} needs an explicit np.random.Generator, got {rng!r}")
         u = rng.random((x.shape[0],))  # [B], one uniform per row, in row order
-        return self._sample(x.astype(np.float64, copy=False), u)  # probabilities in float64
+        return sample_mult(self._probs(x.astype(np.float64, copy=False)), u)
 
     def pick_token(self, logits: ArrayLike, rng: np.random.Generator | None = None) -> int:
         """Logits [V] -> one token id. Same result as row b of ``pick_tokens``."""
@@ -184,13 +218,14 @@ class Temperature(SamplingStrategy):
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
-    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
-        return sample_mult(softmax64(logits, self.temperature), u)
+    def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
+        return softmax64(logits, self.temperature)  # [B, V]
 
 
 @dataclass(frozen=True)
 class TopK(SamplingStrategy):
-    """Sample among the k highest logits (k > vocab_size is clamped to vocab_size)."""
+    """Sample from softmax(logits / temperature) restricted to the k highest logits
+    (k > vocab_size is clamped to vocab_size; ties at the boundary: lower id)."""
 
     k: int = 40  # >= 1
     temperature: float = 1.0  # >= 0 and finite; 0 = greedy
@@ -207,14 +242,15 @@ class TopK(SamplingStrategy):
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
-    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
+    def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
         kept = np.where(top_k_mask(logits, int(self.k)), logits, -np.inf)  # [B, V]
-        return sample_mult(softmax64(kept, self.temperature), u)
+        return softmax64(kept, self.temperature)  # [B, V], 0 outside the top k
 
 
 @dataclass(frozen=True)
 class TopP(SamplingStrategy):
-    """Nucleus sampling: sample among the most probable tokens holding mass p."""
+    """Nucleus sampling: q = softmax(logits / temperature); sample from q renormalized
+    over the smallest set of most probable tokens whose mass under q reaches p."""
 
     p: float = 0.9  # in (0, 1]; 1 keeps every token
     temperature: float = 1.0  # >= 0 and finite; 0 = greedy
@@ -231,9 +267,10 @@ class TopP(SamplingStrategy):
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
-    def _sample(self, logits: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
-        probs = softmax64(logits, self.temperature)  # [B, V]
-        return sample_mult(np.where(top_p_mask(probs, float(self.p)), probs, 0.0), u)
+    def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
+        q = softmax64(logits, self.temperature)  # [B, V], with the temperature
+        kept = np.where(top_p_mask(q, float(self.p)), q, 0.0)  # [B, V], the nucleus
+        return kept / kept.sum(axis=-1, keepdims=True)  # renormalized over the nucleus
 
 
 def make_strategy(
