@@ -136,8 +136,8 @@ def test_decode_reads_the_flat_buffer_views():
     model = MoETransformer(Config.tiny(), seed=1)
     w = model.layer_weights
     assert np.shares_memory(w[0].qkv, model.flat_params)
-    np.testing.assert_array_equal(
-        w[0].qkv[: model.config.q_dim], model.parameters()["layers.0.attn.q_proj.weight"]
+    np.testing.assert_array_equal(  # the slab is [Wq; Wk; Wv]^T
+        w[0].qkv[:, : model.config.q_dim].T, model.parameters()["layers.0.attn.q_proj.weight"]
     )
     cache = model.new_kv_cache(1, 4)
     before = decode_step(model, [7], cache)

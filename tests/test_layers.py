@@ -128,17 +128,18 @@ def test_rmsnorm_backward(rng):
 def test_linear_forward_and_backward(rng):
     x = rng.standard_normal((6, 5))
     w = rng.standard_normal((3, 5))  # [out, in]
-    y = linear_forward(x, w)
+    wt = w.T  # the layer takes W^T [in, out] (a view: perturbing it perturbs w)
+    y = linear_forward(x, wt)
     np.testing.assert_allclose(y, np.einsum("ni,oi->no", x, w), rtol=1e-13)
     r = rng.standard_normal(y.shape)
-    dw = np.zeros_like(w)
-    dx = linear_backward(r, x, w, dw)
+    dwt = np.zeros_like(wt)
+    dx = linear_backward(r, x, wt, dwt)
 
     def loss():
-        return float(np.sum(linear_forward(x, w) * r))
+        return float(np.sum(linear_forward(x, wt) * r))
 
     assert check_gradient(loss, x, dx) < TOL
-    assert check_gradient(loss, w, dw) < TOL
+    assert check_gradient(loss, w, dwt.T) < TOL
 
 
 def test_backward_adds_into_gradient_buffers(rng):
@@ -146,10 +147,10 @@ def test_backward_adds_into_gradient_buffers(rng):
     x = rng.standard_normal((6, 5))
     w = rng.standard_normal((3, 5))
     r = rng.standard_normal((6, 3))
-    once, twice = np.zeros_like(w), np.zeros_like(w)
-    linear_backward(r, x, w, once)
-    linear_backward(r, x, w, twice)
-    linear_backward(r, x, w, twice)
+    once, twice = np.zeros_like(w.T), np.zeros_like(w.T)
+    linear_backward(r, x, w.T, once)
+    linear_backward(r, x, w.T, twice)
+    linear_backward(r, x, w.T, twice)
     np.testing.assert_allclose(twice, 2 * once, rtol=1e-15)
 
 
@@ -161,10 +162,11 @@ def test_swiglu_forward_and_backward(rng):
     x = rng.standard_normal((c, h))
     wg, wu = rng.standard_normal((f, h)), rng.standard_normal((f, h))
     wd = rng.standard_normal((h, f))
-    wgu = np.concatenate([wg, wu])  # [2F, H]: Wg stacked on Wu, as the model stores them
+    wgu = np.concatenate([wg, wu]).T  # [Wg; Wu]^T [H, 2F], as the model stores them
+    wd = wd.T  # Wd^T [F, H]
     out, cache = swiglu_forward(x, wgu, wd)
     g, u = x @ wg.T, x @ wu.T
-    ref = (g / (1 + np.exp(-g)) * u) @ wd.T  # Down(SiLU(Gate(x)) * Up(x))
+    ref = (g / (1 + np.exp(-g)) * u) @ wd  # Down(SiLU(Gate(x)) * Up(x))
     np.testing.assert_allclose(out, ref, rtol=1e-12)
     r = rng.standard_normal(out.shape)
     grads = [np.zeros_like(a) for a in (wgu, wd)]
@@ -195,10 +197,10 @@ def rope_reference(x, positions, theta):
 
 def test_rope_matches_formula_preserves_norms_and_is_relative(rng):
     d, n = 8, 40
-    cos, sin = rope_tables(10000.0, d, n)
+    rot = rope_tables(10000.0, d, n)  # e^(i t f_k)   [n, D/2]
     x = rng.standard_normal((2, 5, 3, d))  # [B, S, heads, D]
     pos = np.arange(7, 12)
-    rotated = rope_rotate(x, cos[pos, None, :], sin[pos, None, :])
+    rotated = rope_rotate(x, rot[pos, None, :])
     np.testing.assert_allclose(rotated, rope_reference(x, pos, 10000.0), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(
         np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13
@@ -206,19 +208,19 @@ def test_rope_matches_formula_preserves_norms_and_is_relative(rng):
     # q.k depends only on the position difference
     q, k = rng.standard_normal(d), rng.standard_normal(d)
 
-    def rot(v, t):
-        return rope_rotate(v[None, None, None], cos[t : t + 1, None], sin[t : t + 1, None])
+    def at(v, t):
+        return rope_rotate(v[None, None, None], rot[t : t + 1, None])
 
-    dots = [float(np.sum(rot(q, t + 3) * rot(k, t))) for t in (0, 5, 20, 36)]
+    dots = [float(np.sum(at(q, t + 3) * at(k, t))) for t in (0, 5, 20, 36)]
     np.testing.assert_allclose(dots, dots[0], rtol=1e-12)
     # RoPE's backward is the inverse rotation: it undoes the forward, and is its transpose
-    back = rope_unrotate(rotated, cos[pos, None, :], sin[pos, None, :])
+    back = rope_unrotate(rotated, rot[pos, None, :].conj())
     np.testing.assert_allclose(back, x, rtol=1e-12, atol=1e-14)
     r = rng.standard_normal(x.shape)
-    grad = rope_unrotate(r, cos[pos, None, :], sin[pos, None, :])
+    grad = rope_unrotate(r, rot[pos, None, :].conj())
 
     def loss():
-        return float(np.sum(rope_rotate(x, cos[pos, None, :], sin[pos, None, :]) * r))
+        return float(np.sum(rope_rotate(x, rot[pos, None, :]) * r))
 
     assert check_gradient(loss, x, grad) < TOL
 
@@ -259,12 +261,12 @@ def test_attention_forward_and_backward(rng, n_heads, n_kv):
     theta = 500.0
     rope = build_rope(theta, d, 16, np.float64)
     x = rng.standard_normal((batch * s, h))
-    wqkv = rng.standard_normal(((n_heads + 2 * n_kv) * d, h)) * 0.5
-    wo = rng.standard_normal((h, n_heads * d)) * 0.5
+    wqkv = rng.standard_normal((h, (n_heads + 2 * n_kv) * d)) * 0.5  # [Wq; Wk; Wv]^T
+    wo = rng.standard_normal((n_heads * d, h)) * 0.5  # Wo^T
     out, cache = attention_forward(x, batch, wqkv, wo, n_heads, n_kv, rope)
     q_rows, kv_rows = n_heads * d, n_kv * d
-    wq, wk, wv = np.split(wqkv, [q_rows, q_rows + kv_rows])
-    ref = attention_reference(x, batch, wq, wk, wv, wo, n_heads, n_kv, theta)
+    wq, wk, wv = np.split(wqkv.T, [q_rows, q_rows + kv_rows])
+    ref = attention_reference(x, batch, wq, wk, wv, wo.T, n_heads, n_kv, theta)
     np.testing.assert_allclose(out, ref, rtol=1e-11, atol=1e-12)
 
     r = rng.standard_normal(out.shape)
@@ -322,17 +324,18 @@ def moe_reference(x, w: MoEWeights, top_k):
         p = softmax(x[t] @ w.router.T)
         kept = np.argsort(-p, kind="stable")[:top_k]
         for e in kept:
-            f = w.down.shape[2]
-            g, u = w.gate_up[e, :f] @ x[t], w.gate_up[e, f:] @ x[t]  # Wg, Wu of expert e
-            out[t] += p[e] / p[kept].sum() * (w.down[e] @ (silu(g) * u))
+            f = w.down.shape[1]
+            wg, wu = w.gate_up[e, :, :f].T, w.gate_up[e, :, f:].T  # Wg, Wu of expert e [F, H]
+            g, u = wg @ x[t], wu @ x[t]
+            out[t] += p[e] / p[kept].sum() * (w.down[e].T @ (silu(g) * u))
     return out
 
 
 def random_moe(rng, e=4, h=6, f=8):
     return MoEWeights(
         rng.standard_normal((e, h)),
-        rng.standard_normal((e, 2 * f, h)) * 0.4,  # gate | up of each expert
-        rng.standard_normal((e, h, f)) * 0.4,
+        rng.standard_normal((e, h, 2 * f)) * 0.4,  # [Wg; Wu]^T of each expert
+        rng.standard_normal((e, f, h)) * 0.4,  # Wd^T
     )
 
 
@@ -390,8 +393,8 @@ def test_block_forward_and_backward(rng):
     h, d = cfg.hidden_dim, cfg.head_dim
     w = BlockWeights(
         1 + 0.1 * rng.standard_normal(h),
-        rng.standard_normal(((2 + 2) * d, h)) * 0.4,
-        rng.standard_normal((h, 2 * d)) * 0.4,
+        rng.standard_normal((h, (2 + 2) * d)) * 0.4,  # [Wq; Wk; Wv]^T
+        rng.standard_normal((2 * d, h)) * 0.4,  # Wo^T
         1 + 0.1 * rng.standard_normal(h),
         random_moe(rng, e=3, h=h, f=6),
     )

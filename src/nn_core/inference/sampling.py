@@ -40,7 +40,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..checks import check_int, check_number
 from ..errors import ConfigError, InputError
+from ..model.tensor import softmax
 
 STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p")
 
@@ -86,11 +88,10 @@ def sample_argmax(logits: NDArray[np.floating]) -> NDArray[np.int64]:
 
 
 def softmax64(logits: NDArray[np.float64], temperature: float) -> NDArray[np.float64]:
-    """[B, V] -> [B, V] float64 probabilities of logits / temperature (temperature > 0)."""
-    # Softmax: p_i = exp((x_i - max x) / t) / sum_j exp((x_j - max x) / t)
-    z = (logits - logits.max(axis=-1, keepdims=True)) / temperature  # [B, V], max is 0
-    e = np.exp(z)  # [B, V]; -inf -> 0
-    return e / e.sum(axis=-1, keepdims=True)
+    """[B, V] -> [B, V] float64 probabilities of logits / temperature (temperature > 0):
+    the model's softmax (``nn_core.model.tensor.softmax``) of the scaled logits; a
+    masked (-inf) logit gets probability 0."""
+    return softmax(logits / temperature, axis=-1)
 
 
 def sample_mult(probs: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
@@ -140,13 +141,8 @@ def top_p_mask(probs: NDArray[np.float64], p: float) -> NDArray[np.bool_]:
 
 
 def _check_temperature(temperature: Any) -> None:
-    ok = isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(
-        temperature, bool
-    )
-    if not ok or not math.isfinite(temperature) or temperature < 0:
-        raise ConfigError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
-        )
+    """Temperature: finite and >= 0; 0 means greedy."""
+    check_number(temperature, "temperature (0 = greedy)", 0.0, math.inf, high_open=True)
 
 
 # ---- strategies ------------------------------------------------------------------------
@@ -231,11 +227,7 @@ class TopK(SamplingStrategy):
     temperature: float = 1.0  # >= 0 and finite; 0 = greedy
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ConfigError(
-                f"k (top_k) must be an int >= 1 (values above vocab_size are clamped), "
-                f"got {self.k!r}"
-            )
+        check_int(self.k, "k (top_k; values above vocab_size are clamped)", 1)
         _check_temperature(self.temperature)
 
     @property
@@ -256,11 +248,7 @@ class TopP(SamplingStrategy):
     temperature: float = 1.0  # >= 0 and finite; 0 = greedy
 
     def __post_init__(self) -> None:
-        ok = isinstance(self.p, (int, float, np.integer, np.floating)) and not isinstance(
-            self.p, bool
-        )
-        if not ok or not 0 < self.p <= 1:
-            raise ConfigError(f"p (top_p) must be a number in (0, 1], got {self.p!r}")
+        check_number(self.p, "p (top_p)", 0.0, 1.0, low_open=True)
         _check_temperature(self.temperature)
 
     @property

@@ -10,10 +10,10 @@ scores: queries are kept grouped as [B, nKV, S*A, D] (for nKV = 1 that is the
 projection's own layout: no copy).
 
 Choices that keep the work in few, large, contiguous NumPy calls:
-  * RoPE is ``x * cos + swap(x) * sin`` with swap exchanging the two entries of each pair
-    (a reversed view, no copy) and a signed sin table; the 1/sqrt(D) score scale rides
-    on the query tables. RoPE writes the rotated queries and keys straight into their
-    grouped layout (the keys into the KV cache when there is one).
+  * RoPE is one complex multiply: each pair (x0, x1) seen as x0 + i x1 (a view of the
+    float array), times e^(i t f_k); the 1/sqrt(D) score scale rides on the query
+    table. RoPE writes the rotated queries and keys straight into their grouped layout
+    (the keys into the KV cache when there is one).
   * Scores are kept transposed, keys along rows: S^T [B, nKV, T, S*A]. The softmax then
     reduces over axis 2, which NumPy vectorizes across the S*A columns, instead of
     over short rows.
@@ -38,76 +38,59 @@ from .workspace import Workspace, buffer
 
 
 class Rope(NamedTuple):
-    """Rotation tables for positions 0..max_len-1 ([max_len, D]; signed sin: -sin at
-    column 2i, +sin at 2i+1)."""
+    """Rotations e^(i t f_k) for positions t = 0..max_len-1, as complex [max_len, D/2]."""
 
-    cos_q: np.ndarray  # cos(t f_i) / sqrt(D): the query tables carry the score scale
-    sin_q: np.ndarray
-    cos_k: np.ndarray  # cos(t f_i)
-    sin_k: np.ndarray
+    q: np.ndarray  # e^(i t f_k) / sqrt(D): the query rotations carry the score scale
+    q_back: np.ndarray  # the conjugates (the inverse rotation), for the backward
+    k: np.ndarray  # e^(i t f_k)
+    k_back: np.ndarray
 
 
 def rope_frequencies(theta: float, head_dim: int) -> np.ndarray:
-    """RoPE: f_i = 1 / base^(2i / head_dim), i = 0 .. D/2-1 (base already NTK-scaled)."""
+    """RoPE: f_k = 1 / base^(2k / head_dim), k = 0 .. D/2-1 (base already NTK-scaled)."""
     return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
 
 
-def rope_tables(theta: float, head_dim: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and signed sin [max_len, D] in float64: angle t f_i at columns 2i and 2i+1."""
+def rope_tables(theta: float, head_dim: int, max_len: int) -> np.ndarray:
+    """e^(i t f_k) = cos(t f_k) + i sin(t f_k), complex128 [max_len, D/2]."""
     angles = np.arange(max_len, dtype=np.float64)[:, None] * rope_frequencies(theta, head_dim)
-    cos = np.repeat(np.cos(angles), 2, axis=1)  # [max_len, D]
-    sin = np.repeat(np.sin(angles), 2, axis=1)
-    sin[:, 0::2] *= -1  # the sign pattern of the rotation's first row
-    return cos, sin
+    return np.cos(angles) + 1j * np.sin(angles)
 
 
 def build_rope(theta: float, head_dim: int, max_len: int, dtype: np.dtype) -> Rope:
-    """The query tables (scaled by 1/sqrt(D)) and key tables in the model dtype."""
-    cos, sin = rope_tables(theta, head_dim, max_len)
-    scale = 1.0 / np.sqrt(head_dim)  # Attention: scores = q k^T / sqrt(head_dim), folded into q
-    return Rope(*(t.astype(dtype) for t in (cos * scale, sin * scale, cos, sin)))
+    """The rotation tables in the model's complex dtype (complex64 for float32)."""
+    rot = rope_tables(theta, head_dim, max_len)
+    scaled = rot / np.sqrt(head_dim)  # Attention: scores = q k^T / sqrt(head_dim), folded into q
+    cdt = np.result_type(dtype, np.complex64)
+    return Rope(*(r.astype(cdt) for r in (scaled, scaled.conj(), rot, rot.conj())))
 
 
-def _pairs(x: np.ndarray) -> np.ndarray:
-    """[..., D] -> [..., D/2, 2] (a view)."""
-    return x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+def _complex(x: np.ndarray) -> np.ndarray:
+    """A real [..., D] array (last axis contiguous) seen as complex [..., D/2]: entry k is
+    the pair x[2k] + i x[2k+1] (a view)."""
+    return x.view(np.result_type(x.dtype, np.complex64))
 
 
-def rope_rotate(
-    x: np.ndarray,
-    cos: np.ndarray,
-    sin: np.ndarray,
-    out: np.ndarray | None = None,
-    tmp: np.ndarray | None = None,
-) -> np.ndarray:
-    """RoPE: pairs (x[2i], x[2i+1]) -> [x0 cos - x1 sin, x0 sin + x1 cos].
+def rope_rotate(x: np.ndarray, rot: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """RoPE: pairs (x[2k], x[2k+1]) -> [x0 cos - x1 sin, x0 sin + x1 cos].
 
-    x [..., D]; cos, sin (signed) broadcast against it. Computed as x * cos + swap(x) * sin
-    with swap(x) = (x1, x0, x3, x2, ...) a reversed view of the pairs. ``out`` may be a
-    strided view (the grouped query layout, the KV cache); ``tmp`` a scratch array of
-    x's shape.
+    That is the pair as the complex number x0 + i x1 times e^(i t f_k): one complex
+    multiply. x [..., D] real; ``rot`` complex [..., D/2] broadcast against it (rows of
+    a Rope table); ``out`` (real, x's shape) may be a strided view whose last axis is
+    contiguous: the grouped query layout, the KV cache.
     """
-    out = np.multiply(x, cos, out=out)
-    swapped = _pairs(x)[..., ::-1]
-    tmp = np.multiply(
-        swapped, _pairs(np.broadcast_to(sin, x.shape)), out=None if tmp is None else _pairs(tmp)
-    )
-    _pairs(out)[...] += tmp
+    if out is None:
+        out = np.empty(x.shape, x.dtype)
+    np.multiply(_complex(x), rot, out=_complex(out))
     return out
 
 
 def rope_unrotate(
-    dy: np.ndarray,
-    cos: np.ndarray,
-    sin: np.ndarray,
-    out: np.ndarray | None = None,
-    tmp: np.ndarray | None = None,
+    dy: np.ndarray, rot_back: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """RoPE backward: the inverse rotation R(-t) = R(t)^T, i.e. dx = dy * cos + swap(dy * sin)."""
-    out = np.multiply(dy, cos, out=out)
-    tmp = np.multiply(dy, sin, out=tmp)
-    _pairs(out)[...] += _pairs(tmp)[..., ::-1]
-    return out
+    """RoPE backward: the inverse rotation R(-t) = R(t)^T, i.e. dx = dy times the
+    conjugate e^(-i t f_k) (``rot_back``), pair by pair."""
+    return rope_rotate(dy, rot_back, out)
 
 
 # ---------------------------------------------------------------------------- masks
@@ -196,13 +179,13 @@ def attention_forward(
     """Attention: scores = q k^T / sqrt(D) + causal mask; out = softmax(scores) v; heads
     concatenated then Wo.
 
-    x [N, H] (N = B*S); w_qkv [Q + 2KV, H] (Wq, Wk, Wv stacked); w_o [H, Q]. With ``kv``,
+    x [N, H] (N = B*S); w_qkv = [Wq; Wk; Wv]^T [H, Q + 2KV]; w_o = Wo^T [Q, H]. With ``kv``,
     the new keys/values are written at positions start..start+S-1 and the queries attend
     over all T = start + S positions. -> (out [N, H], cache)
     """
     n = x.shape[0]
     s = n // batch
-    d = rope.cos_k.shape[1]
+    d = 2 * rope.k.shape[1]
     a = n_heads // n_kv_heads
     t = start + s
     dt = x.dtype
@@ -213,8 +196,8 @@ def attention_forward(
     positions = slice(start, t)
     # RoPE on q (scaled by 1/sqrt(D)) straight into the grouped layout [B, nKV, S*A, D]
     qg = buffer(ws, key + "q", (batch, n_kv_heads, s * a, d), dt)
-    c, sn = rope.cos_q[positions, None, None], rope.sin_q[positions, None, None]  # [S, 1, 1, D]
-    rope_rotate(_grouped(q_in, batch, s, a, n_kv_heads), c, sn, out=_group_view(qg, s, a))
+    rot = rope.q[positions, None, None]  # [S, 1, 1, D/2]
+    rope_rotate(_grouped(q_in, batch, s, a, n_kv_heads), rot, out=_group_view(qg, s, a))
     # RoPE on k, into the cache (or a buffer); v as it is
     if kv is None:
         kg = buffer(ws, key + "k", (batch, n_kv_heads, s, d), dt)  # [B, nKV, T, D]
@@ -224,8 +207,7 @@ def attention_forward(
         k_out = kv.k[:, :, positions].transpose(0, 2, 1, 3)  # [B, S, nKV, D] view of the cache
         np.copyto(kv.v[:, :, positions], v_in.transpose(0, 2, 1, 3))
         kg, vg = kv.k[:, :, :t], kv.v[:, :, :t]  # [B, nKV, T, D]
-    c, sn = rope.cos_k[positions, None], rope.sin_k[positions, None]  # [S, 1, D]
-    rope_rotate(k_in, c, sn, out=k_out)
+    rope_rotate(k_in, rope.k[positions, None], out=k_out)  # rotations [S, 1, D/2]
     # scores, transposed: S^T = k q^T   [B, nKV, T, S*A]
     tws = ws if kv is None else None  # T-dependent buffers: per call when T grows
     scores_t = buffer(tws, key + "p_t", (batch, n_kv_heads, t, s * a), dt)
@@ -295,11 +277,15 @@ def attention_backward(
     # RoPE backward (inverse rotation) into the q|k|v gradient; v passes through
     dqkv = buffer(ws, key + "dqkv", (batch, s, n_heads + 2 * n_kv, d), dt)  # [B, S, R, D]
     positions = slice(start, start + s)
-    c, sn = rope.cos_q[positions, None, None], rope.sin_q[positions, None, None]
     rope_unrotate(
-        _group_view(dqg, s, a), c, sn, out=_grouped(dqkv[:, :, :n_heads], batch, s, a, n_kv)
+        _group_view(dqg, s, a),
+        rope.q_back[positions, None, None],
+        out=_grouped(dqkv[:, :, :n_heads], batch, s, a, n_kv),
     )
-    c, sn = rope.cos_k[positions, None], rope.sin_k[positions, None]
-    rope_unrotate(dkg.transpose(0, 2, 1, 3), c, sn, out=dqkv[:, :, n_heads : n_heads + n_kv])
+    rope_unrotate(
+        dkg.transpose(0, 2, 1, 3),
+        rope.k_back[positions, None],
+        out=dqkv[:, :, n_heads : n_heads + n_kv],
+    )
     np.copyto(dqkv[:, :, n_heads + n_kv :], dvg.transpose(0, 2, 1, 3))
     return linear_backward(dqkv.reshape(n, -1), x, w_qkv, dw_qkv, ws, key + "qkv.")  # [N, H]

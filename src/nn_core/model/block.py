@@ -18,8 +18,8 @@ from .workspace import Workspace, buffer
 
 class BlockWeights(NamedTuple):
     attn_norm: np.ndarray  # [H]
-    qkv: np.ndarray  # [Q + 2KV, H]  Wq, Wk, Wv stacked (one slab of the flat buffer)
-    o: np.ndarray  # [H, Q]
+    qkv: np.ndarray  # [H, Q + 2KV]  [Wq; Wk; Wv]^T (one slab of the flat buffer)
+    o: np.ndarray  # [Q, H]  Wo^T
     ffn_norm: np.ndarray  # [H]
     moe: MoEWeights
 

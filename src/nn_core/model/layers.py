@@ -53,7 +53,7 @@ def rmsnorm_forward(
     """RMSNorm: y = x * 1/sqrt(mean(x^2) + eps) * gamma.   x [N, H], gamma [H] -> [N, H]."""
     n, h = x.shape
     r = buffer(ws, key + "r", (n, 1), x.dtype)  # [N, 1]
-    np.einsum("nh,nh->n", x, x, out=r[:, 0])  # sum(x^2)
+    np.vecdot(x, x, out=r[:, 0])  # sum(x^2)
     r *= 1.0 / h  # mean(x^2)
     r += eps
     np.sqrt(r, out=r)
@@ -86,7 +86,7 @@ def rmsnorm_backward(
     a = buffer(ws, key + "dx", x.shape, x.dtype)
     np.multiply(dy, gain, out=a)  # a = dy . g   [N, H]
     proj = buffer(ws, key + "proj", (n, 1), x.dtype)
-    np.einsum("nh,nh->n", a, xn, out=proj[:, 0])
+    np.vecdot(a, xn, out=proj[:, 0])
     proj *= 1.0 / h  # mean(a . xn)   [N, 1]
     xn *= proj
     a -= xn
@@ -98,25 +98,32 @@ def rmsnorm_backward(
 
 
 def linear_forward(
-    x: np.ndarray, weight: np.ndarray, ws: Workspace | None = None, key: str = ""
+    x: np.ndarray, w_t: np.ndarray, ws: Workspace | None = None, key: str = ""
 ) -> np.ndarray:
-    """Linear: Y = X @ W^T, W stored [out_features, in_features], no bias.  [N, in] -> [N, out]."""
-    out = buffer(ws, key + "y", (x.shape[0], weight.shape[0]), x.dtype)
-    return np.matmul(x, weight.T, out=out)
+    """Linear: Y = X @ W^T, no bias, for W [out_features, in_features].
+
+    ``w_t`` is W^T [in, out] (how the model stores it: a contiguous right operand).
+    x [N, in] -> [N, out].
+    """
+    out = buffer(ws, key + "y", (x.shape[0], w_t.shape[1]), x.dtype)
+    return np.matmul(x, w_t, out=out)
 
 
 def linear_backward(
     dy: np.ndarray,
     x: np.ndarray,
-    weight: np.ndarray,
-    dweight: np.ndarray,
+    w_t: np.ndarray,
+    dw_t: np.ndarray,
     ws: Workspace | None = None,
     key: str = "",
 ) -> np.ndarray:
-    """Linear backward: dW += dY^T X;  dX = dY W.   dy [N, out], x [N, in] -> dx [N, in]."""
-    dweight += np.matmul(dy.T, x, out=buffer(ws, key + "dw", dweight.shape, dweight.dtype))
+    """Linear backward: dW += dY^T X (as dW^T += X^T dY);  dX = dY W.
+
+    dy [N, out], x [N, in], w_t / dw_t = W^T / dW^T [in, out] -> dx [N, in].
+    """
+    dw_t += np.matmul(x.T, dy, out=buffer(ws, key + "dw", dw_t.shape, dw_t.dtype))
     dx = buffer(ws, key + "dx", x.shape, x.dtype)
-    return np.matmul(dy, weight, out=dx)
+    return np.matmul(dy, w_t.T, out=dx)
 
 
 # ---------------------------------------------------------------------------- SwiGLU experts
@@ -150,18 +157,19 @@ def swiglu_forward(
 ) -> tuple[np.ndarray, SwiGLUCache]:
     """SwiGLU expert: out = Down(SiLU(Gate(x)) * Up(x)).
 
-    One expert: x [C, H]; w_gate_up [2F, H] (Wg stacked on Wu); w_down [H, F] -> [C, H].
-    Stacked experts: w_gate_up [E, 2F, H]; w_down [E, H, F]; ``counts`` [E] rows of each
-    expert, x grouped by expert. Each expert is two products (gate|up fused, then down),
-    and the element-wise SiLU . U runs once over all rows.
+    Weights as the model stores them, transposed: ``w_gate_up`` = [Wg^T | Wu^T] [H, 2F]
+    (Gate, Up: Linear H -> F, stacked), ``w_down`` = Wd^T [F, H].
+    One expert: x [C, H] -> [C, H]. Stacked experts: w_gate_up [E, H, 2F], w_down
+    [E, F, H], ``counts`` [E] rows of each expert, x grouped by expert. Each expert is two
+    products (gate|up fused, then down); the element-wise SiLU . U runs once over all rows.
     """
     if counts is None:  # a single expert
         w_gate_up, w_down, counts = w_gate_up[None], w_down[None], [x.shape[0]]
     bounds = expert_bounds(counts)
-    rows, f = x.shape[0], w_down.shape[2]
+    rows, f = x.shape[0], w_down.shape[1]
     gu = buffer(ws, key + "gu", (rows, 2 * f), x.dtype)  # [C, 2F]
     for e, lo, hi in bounds:
-        np.matmul(x[lo:hi], w_gate_up[e].T, out=gu[lo:hi])  # G | U = x [Wg; Wu]^T
+        np.matmul(x[lo:hi], w_gate_up[e], out=gu[lo:hi])  # G | U = x [Wg; Wu]^T
     g, u = gu[:, :f], gu[:, f:]
     sig = sigmoid(g, out=buffer(ws, key + "sig", (rows, f), x.dtype))  # [C, F]
     h = buffer(ws, key + "h", (rows, f), x.dtype)
@@ -169,7 +177,7 @@ def swiglu_forward(
     h *= u  # h = s(G) . U
     out = buffer(ws, key + "out", x.shape, x.dtype)  # [C, H]
     for e, lo, hi in bounds:
-        np.matmul(h[lo:hi], w_down[e].T, out=out[lo:hi])  # Down(h)
+        np.matmul(h[lo:hi], w_down[e], out=out[lo:hi])  # Down(h) = h Wd^T
     return out, SwiGLUCache(x, bounds, gu, sig, h)
 
 
@@ -187,6 +195,7 @@ def swiglu_backward(
     dh = dout Wd; dWd += dout^T h; dG = dh . U . s'(G); dU = dh . s(G);
     dx = dG Wg + dU Wu = [dG dU] [Wg; Wu]; dWg += dG^T x; dWu += dU^T x (one product each
     with gate|up fused), with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
+    Weights and their gradients in the stored (transposed) layout of ``swiglu_forward``.
     """
     x, bounds, gu, sig, h = cache
     if w_gate_up.ndim == 2:  # a single expert
@@ -195,10 +204,10 @@ def swiglu_backward(
     rows, f = h.shape
     dt = x.dtype
     dh = buffer(ws, key + "dh", (rows, f), dt)  # [C, F]
-    dwd = buffer(ws, key + "dwd", dw_down.shape[1:], dt)  # [H, F]
+    dwd = buffer(ws, key + "dwd", dw_down.shape[1:], dt)  # [F, H]
     for e, lo, hi in bounds:
-        np.matmul(dout[lo:hi], w_down[e], out=dh[lo:hi])  # dh = dout Wd
-        dw_down[e] += np.matmul(dout[lo:hi].T, h[lo:hi], out=dwd)  # dWd += dout^T h
+        np.matmul(dout[lo:hi], w_down[e].T, out=dh[lo:hi])  # dh = dout Wd
+        dw_down[e] += np.matmul(h[lo:hi].T, dout[lo:hi], out=dwd)  # dWd^T += h^T dout
     g, u = gu[:, :f], gu[:, f:]
     dgu = buffer(ws, key + "dgu", (rows, 2 * f), dt)  # [C, 2F]
     dg, du = dgu[:, :f], dgu[:, f:]
@@ -210,9 +219,9 @@ def swiglu_backward(
     dg *= sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G)))
     dg *= u
     dg *= dh  # dG = dh . U . s'(G)
-    dwgu = buffer(ws, key + "dwgu", dw_gate_up.shape[1:], dt)  # [2F, H]
+    dwgu = buffer(ws, key + "dwgu", dw_gate_up.shape[1:], dt)  # [H, 2F]
     dx = buffer(ws, key + "dx", x.shape, dt)  # [C, H]
     for e, lo, hi in bounds:
-        dw_gate_up[e] += np.matmul(dgu[lo:hi].T, x[lo:hi], out=dwgu)  # dWg|dWu += [dG dU]^T x
-        np.matmul(dgu[lo:hi], w_gate_up[e], out=dx[lo:hi])  # dx = [dG dU] [Wg; Wu]
+        dw_gate_up[e] += np.matmul(x[lo:hi].T, dgu[lo:hi], out=dwgu)  # [dWg dWu]^T += x^T [dG dU]
+        np.matmul(dgu[lo:hi], w_gate_up[e].T, out=dx[lo:hi])  # dx = [dG dU] [Wg; Wu]
     return dx

@@ -49,7 +49,7 @@ def router_forward(
     np.matmul(w_router, x.T, out=probs_t)  # router logits, transposed: Wr x^T   [E, N]
     softmax(probs_t, axis=0, out=probs_t, may_be_masked=False)  # probs^T   [E, N]
     top_t = np.argsort(-probs_t, axis=0, kind="stable")[:top_k]  # [K, N]
-    weights_t = np.take_along_axis(probs_t, top_t, axis=0)  # kept p_k   [K, N]
+    weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
     kept_sum = weights_t.sum(axis=0, keepdims=True)  # S   [1, N]
     weights_t /= kept_sum  # renormalized top-k: w_k = p_k / S
     flat = top_t.reshape(-1)  # [C] expert of assignment a = k*N + t
@@ -129,10 +129,8 @@ def router_backward(
         dprobs_t[...] = (alpha * n_experts / n * f).astype(x.dtype)[:, None]
     else:
         dprobs_t.fill(0)  # 0 outside the kept experts
-    top_t = top_idx.T  # [K, N]
-    kept_part = np.take_along_axis(dprobs_t, top_t, axis=0)
-    kept_part += dkept.T
-    np.put_along_axis(dprobs_t, top_t, kept_part, axis=0)
+    kept = (top_idx.T, np.arange(n))  # the kept (expert, token) entries   [K, N] each
+    dprobs_t[kept] += dkept.T
     dz_t = softmax_backward(dprobs_t, probs.T, axis=0, out=dprobs_t)  # [E, N]
     dw_router += dz_t @ x
     dx = buffer(ws, key + "dx", x.shape, x.dtype)
@@ -144,8 +142,8 @@ def router_backward(
 
 class MoEWeights(NamedTuple):
     router: np.ndarray  # [E, H]
-    gate_up: np.ndarray  # [E, 2F, H]  each expert's Wg stacked on its Wu
-    down: np.ndarray  # [E, H, F]
+    gate_up: np.ndarray  # [E, H, 2F]  each expert's [Wg; Wu]^T
+    down: np.ndarray  # [E, F, H]  each expert's Wd^T
 
 
 class MoECache(NamedTuple):

@@ -6,15 +6,21 @@ of vectorized calls over all tensors at once (the AdamW moments use two more buf
 the same layout).
 
 The buffer is cut into *slabs*, each a contiguous block that one matrix product reads
-whole. A slab holds one or more named tensors:
+whole. A slab holds one or more named tensors, and a matrix may be stored transposed:
 
-    slab                       storage shape       named tensors (views)
-    layers.{i}.attn.qkv        [Q + 2KV, H]        q_proj [Q, H], k_proj [KV, H], v_proj [KV, H]
-    layers.{i}.moe.gate_up     [E, 2F, H]          gate_proj [E, F, H], up_proj [E, F, H]
-    (any other)                its own shape       itself
+    slab                       storage shape     named tensors (views, their own shapes)
+    layers.{i}.attn.qkv        [H, Q + 2KV]      q_proj [Q, H], k_proj [KV, H], v_proj [KV, H]
+    layers.{i}.attn.o_proj     [Q, H]            o_proj [H, Q]
+    layers.{i}.moe.gate_up     [E, H, 2F]        gate_proj [E, F, H], up_proj [E, F, H]
+    layers.{i}.moe.down_proj   [E, F, H]         down_proj [E, H, F]
+    lm_head                    [H, V]            lm_head [V, H]
+    (any other)                its own shape     itself
 
-so q|k|v is one product, and each expert's gate|up is one product, while every tensor
-keeps its own name and shape (``views``): what checkpoints, exports and users see.
+Linear weights are named and shaped [out_features, in_features] (PyTorch's layout: what
+checkpoints, exports and users see through ``views``), but stored [in, out]: the
+forward product X W^T then reads a contiguous W^T (BLAS's "NN" case, measurably faster
+on small matrices than a transposed operand), and q|k|v, each expert's gate|up, are
+each one product.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ import numpy as np
 
 
 class Part(NamedTuple):
-    """A named tensor inside a slab: rows [start, stop) of the slab's axis ``axis``."""
+    """A named tensor inside a slab: [start, stop) along the slab's axis ``axis``, seen
+    with its last two axes swapped when ``transposed``."""
 
     name: str
     shape: tuple[int, ...]  # the tensor's own shape
     axis: int  # the slab axis the part is cut along
     start: int
     stop: int
+    transposed: bool = False
 
 
 class Slab(NamedTuple):
@@ -47,24 +55,37 @@ class Slab(NamedTuple):
         return math.prod(self.shape)
 
 
+def _stored(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1], shape[-2]) if transposed else tuple(shape)
+
+
 def stacked(
-    slab: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]], axis: int = 0
+    slab: str,
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    axis: int = 0,
+    transposed: bool = False,
 ) -> tuple[str, tuple[int, ...], tuple[Part, ...]]:
-    """A slab of tensors stacked along ``axis`` (their other dimensions must agree)."""
-    others = {tuple(s[:axis]) + tuple(s[axis + 1 :]) for s in shapes}
+    """A slab of tensors stacked along the storage axis ``axis`` (other dimensions equal);
+    ``transposed``: each is stored with its last two axes swapped."""
+    stored = [_stored(tuple(s), transposed) for s in shapes]
+    others = {s[:axis] + s[axis + 1 :] for s in stored}
     if len(others) != 1:
         raise ValueError(f"slab {slab}: shapes {list(shapes)} differ off axis {axis}")
     parts, start = [], 0
-    for name, shape in zip(names, shapes):
-        parts.append(Part(name, tuple(shape), axis, start, start + shape[axis]))
-        start += shape[axis]
-    first = tuple(shapes[0])
+    for name, shape, st in zip(names, shapes, stored):
+        parts.append(Part(name, tuple(shape), axis, start, start + st[axis], transposed))
+        start += st[axis]
+    first = stored[0]
     return slab, first[:axis] + (start,) + first[axis + 1 :], tuple(parts)
 
 
-def single(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], tuple[Part, ...]]:
-    """A slab holding exactly one tensor."""
-    return name, tuple(shape), (Part(name, tuple(shape), 0, 0, shape[0]),)
+def single(
+    name: str, shape: tuple[int, ...], transposed: bool = False
+) -> tuple[str, tuple[int, ...], tuple[Part, ...]]:
+    """A slab holding exactly one tensor (stored transposed if asked)."""
+    stored = _stored(tuple(shape), transposed)
+    return name, stored, (Part(name, tuple(shape), 0, 0, stored[0], transposed),)
 
 
 class ParamStore:
@@ -108,7 +129,8 @@ class ParamStore:
         slab, part = self.parts[name]
         whole = self.slab(slab.name, buffer)
         index = (slice(None),) * part.axis + (slice(part.start, part.stop),)
-        return whole[index]
+        view = whole[index]
+        return view.swapaxes(-1, -2) if part.transposed else view
 
     def views(self, buffer: np.ndarray) -> dict[str, np.ndarray]:
         """Name -> view, for every tensor, in layout order (params, grads, AdamW moments)."""

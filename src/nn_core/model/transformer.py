@@ -70,8 +70,9 @@ def parameter_layout(
 ) -> tuple[list[tuple[str, tuple[int, ...], tuple[Part, ...]]], dict[str, int | None]]:
     """The flat buffer's slabs, in order, and each tensor's fan-in (None: an RMSNorm gain).
 
-    q, k, v of a layer form one slab [Q + 2KV, H] (one product); each expert's gate and
-    up rows form one slab [E, 2F, H] (one product per expert).
+    Linear weights are stored transposed ([in, out]); q, k, v of a layer form one slab
+    [H, Q + 2KV] (one product); each expert's gate and up form one slab [E, H, 2F] (one
+    product per expert). See ``nn_core.model.params`` for the layout.
     """
     h, v, e, f = cfg.hidden_dim, cfg.vocab_size, cfg.n_experts, cfg.ffn_dim
     q, kv = cfg.q_dim, cfg.kv_dim
@@ -83,18 +84,18 @@ def parameter_layout(
         gate_up = [p + "moe.gate_proj.weight", p + "moe.up_proj.weight"]
         slabs += [
             single(p + "attn_norm.weight", (h,)),
-            stacked(p + "attn.qkv", names, [(q, h), (kv, h), (kv, h)]),
-            single(p + "attn.o_proj.weight", (h, q)),
+            stacked(p + "attn.qkv", names, [(q, h), (kv, h), (kv, h)], 1, transposed=True),
+            single(p + "attn.o_proj.weight", (h, q), transposed=True),
             single(p + "ffn_norm.weight", (h,)),
             single(p + "moe.router.weight", (e, h)),
-            stacked(p + "moe.gate_up", gate_up, [(e, f, h), (e, f, h)], axis=1),
-            single(p + "moe.down_proj.weight", (e, h, f)),
+            stacked(p + "moe.gate_up", gate_up, [(e, f, h), (e, f, h)], 2, transposed=True),
+            single(p + "moe.down_proj.weight", (e, h, f), transposed=True),
         ]
         fan_in.update({n: h for n in names + gate_up})
         fan_in.update({p + "attn_norm.weight": None, p + "ffn_norm.weight": None})
         fan_in.update({p + "attn.o_proj.weight": q, p + "moe.router.weight": h})
         fan_in[p + "moe.down_proj.weight"] = f
-    slabs += [single("final_norm.weight", (h,)), single("lm_head.weight", (v, h))]
+    slabs += [single("final_norm.weight", (h,)), single("lm_head.weight", (v, h), transposed=True)]
     fan_in.update({"final_norm.weight": None, "lm_head.weight": h})
     return slabs, fan_in
 
@@ -162,10 +163,16 @@ class MoETransformer:
             else:
                 kaiming_normal_(rng, view, int(fan_in[name]))  # type: ignore[arg-type]
         self.rope = build_rope(config.rope_theta, config.head_dim, config.max_seq_len, self.dtype)
-        self._w = self._layer_views(self.store.flat)
-        self._dw = self._layer_views(self.store.grad)
+        self._views()
         self._tls = threading.local()  # per-thread workspaces
         self._grad_lock = threading.Lock()
+
+    def _views(self) -> None:
+        """The storage views the layer functions take (weights and their gradients)."""
+        self._w = self._layer_views(self.store.flat)
+        self._dw = self._layer_views(self.store.grad)
+        self._lm_head = self.store.slab("lm_head.weight", self.store.flat)  # W^T [H, V]
+        self._dlm_head = self.store.slab("lm_head.weight", self.store.grad)
 
     def _layer_views(self, buffer: np.ndarray) -> list[BlockWeights]:
         s = self.store
@@ -177,12 +184,12 @@ class MoETransformer:
                 BlockWeights(
                     attn_norm=s.view(p + "attn_norm.weight", buffer),
                     qkv=s.slab(p + "attn.qkv", buffer),
-                    o=s.view(p + "attn.o_proj.weight", buffer),
+                    o=s.slab(p + "attn.o_proj.weight", buffer),
                     ffn_norm=s.view(p + "ffn_norm.weight", buffer),
                     moe=MoEWeights(
                         s.view(p + "moe.router.weight", buffer),
                         s.slab(p + "moe.gate_up", buffer),
-                        s.view(p + "moe.down_proj.weight", buffer),
+                        s.slab(p + "moe.down_proj.weight", buffer),
                     ),
                 )
             )
@@ -190,15 +197,15 @@ class MoETransformer:
 
     def __getstate__(self) -> dict[str, Any]:  # picklable: per-thread state is rebuilt
         state = self.__dict__.copy()
-        del state["_tls"], state["_grad_lock"], state["_w"], state["_dw"]
+        for name in ("_tls", "_grad_lock", "_w", "_dw", "_lm_head", "_dlm_head"):
+            del state[name]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.store.params = self.store.views(self.store.flat)
         self.store.grads = self.store.views(self.store.grad)
-        self._w = self._layer_views(self.store.flat)
-        self._dw = self._layer_views(self.store.grad)
+        self._views()
         self._tls = threading.local()
         self._grad_lock = threading.Lock()
 
@@ -285,7 +292,7 @@ class MoETransformer:
         """final RMSNorm, then LM head: [N, H] -> logits [N, V] (into ``out`` or a new array)."""
         p = self.store.params
         y, _ = rmsnorm_forward(x, p["final_norm.weight"], self.config.rms_eps, ws, "final.")
-        return np.matmul(y, p["lm_head.weight"].T, out=out)  # LM head: Linear H -> V
+        return np.matmul(y, self._lm_head, out=out)  # LM head: Linear H -> V
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding of up to ``max_len`` positions."""
@@ -389,7 +396,7 @@ class MoETransformer:
         y, final_cache = rmsnorm_forward(
             x, params["final_norm.weight"], self.config.rms_eps, ws, "final."
         )
-        logits = linear_forward(y, params["lm_head.weight"], ws, "lm_head.")  # LM head   [N, V]
+        logits = linear_forward(y, self._lm_head, ws, "lm_head.")  # LM head   [N, V]
         ce, ce_cache = cross_entropy_forward(logits, tgt.reshape(-1), ws, "ce.")
         terms = LossTerms(ce + aux, ce, aux)
         return LossState(
@@ -443,9 +450,7 @@ class MoETransformer:
         alpha = state.alpha * scale
         y, final_cache = state.final
         dlogits = cross_entropy_backward(state.ce, scale)  # [N, V]
-        dy = linear_backward(
-            dlogits, y, params["lm_head.weight"], grads["lm_head.weight"], ws, "lm_head."
-        )
+        dy = linear_backward(dlogits, y, self._lm_head, self._dlm_head, ws, "lm_head.")
         dx = rmsnorm_backward(
             dy, final_cache, params["final_norm.weight"], grads["final_norm.weight"], ws, "final."
         )
