@@ -7,7 +7,15 @@ The public API (see README.md): ``Config``, ``MoETransformer``, training with
 
 from .checkpoint import load_model, save_model
 from .config import Config
-from .errors import CheckpointError, ConfigError, InputError, NNCoreError, NonFiniteError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    InUseError,
+    NNCoreError,
+    NonFiniteError,
+    OutputError,
+)
 from .model import KVCache, LossTerms, MoETransformer
 from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP, make_strategy
 from .text import ByteTokenizer
@@ -20,12 +28,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "Greedy",
+    "InUseError",
     "InputError",
     "KVCache",
     "LossTerms",
     "MoETransformer",
     "NNCoreError",
     "NonFiniteError",
+    "OutputError",
     "SamplingStrategy",
     "Temperature",
     "TopK",

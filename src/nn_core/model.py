@@ -7,19 +7,24 @@ Shape legend: B batch, S sequence, H hidden, V vocab, N = B*S tokens.
 
 The backward (``_backward``) is the forward's call list in reverse. A forward
 keeps no per-call state on the model: caches are returned, not stored, so one
-model can serve several threads at once.
+model can serve forwards (``forward``, ``forward_cached`` with a cache per thread,
+``loss_terms``) to several threads at once. The gradient is different: it lives in
+one buffer per model (``flat_grads``), so ``loss_and_grad`` / ``loss_terms_and_grad``
+run one at a time per model; a second call from another thread while one runs raises
+``InUseError`` at once instead of mixing two gradients. Use one model per thread.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .attention import KVLayerCache, build_rope
 from .config import Config
-from .errors import InputError
+from .errors import InputError, InUseError
 from .layers import embedding_backward, embedding_forward, rmsnorm_backward, rmsnorm_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .moe import BlockCache, BlockWeights, MoEWeights, aux_loss, block_backward, block_forward
@@ -127,6 +132,16 @@ class MoETransformer:
         )
         self._w = self._layer_views(self.store.flat, self.store.params)
         self._dw = self._layer_views(self.store.grad, self.store.grads)
+        self._grad_lock = threading.Lock()  # one gradient computation at a time
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling: a lock is not picklable
+        state = dict(self.__dict__)
+        del state["_grad_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._grad_lock = threading.Lock()
 
     def _layer_views(self, buffer: np.ndarray, named: dict[str, np.ndarray]) -> list[BlockWeights]:
         out = []
@@ -265,14 +280,27 @@ class MoETransformer:
         With ``activation_checkpointing`` each block keeps only its input during the
         forward and recomputes its internals in the backward: same gradients, bit for
         bit, less memory at long sequences.
+
+        The gradient buffer is the model's own: while one call runs, another from a
+        different thread raises ``InUseError`` (it would mix two gradients); use one
+        model per thread.
         """
         ids = self._check_ids(token_ids)
         tgt = self._check_targets(targets, ids)
-        self.zero_grad()
-        terms, state = self._forward_loss(
-            ids, tgt, aux_loss_weight, keep=True, checkpoint=activation_checkpointing
-        )
-        self._backward(ids, state, aux_loss_weight)
+        if not self._grad_lock.acquire(blocking=False):
+            raise InUseError(
+                "loss_and_grad/loss_terms_and_grad is already running on this model in "
+                "another thread; the gradient buffer (flat_grads) is shared, so concurrent "
+                "calls would mix their gradients: use one model per thread (forwards may share)"
+            )
+        try:
+            self.zero_grad()
+            terms, state = self._forward_loss(
+                ids, tgt, aux_loss_weight, keep=True, checkpoint=activation_checkpointing
+            )
+            self._backward(ids, state, aux_loss_weight)
+        finally:
+            self._grad_lock.release()
         return terms
 
     def _forward_loss(
@@ -315,11 +343,15 @@ class MoETransformer:
         embedding_backward(dx, ids.reshape(-1), grads["embed.weight"])
 
     # ---- weights on disk -------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write the weights and config (safetensors + JSON, no pickle) to directory ``path``."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write the weights and config (safetensors + JSON, no pickle) to directory ``path``.
+
+        ``path`` must be absent, empty or an nn-core model directory; another nn-core
+        directory is replaced only with ``overwrite=True``; anything else never
+        (``nn_core.checkpoint.save_model``)."""
         from .checkpoint import save_model
 
-        save_model(self, path)
+        save_model(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> MoETransformer:
