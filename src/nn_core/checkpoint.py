@@ -288,10 +288,10 @@ def _atomic_write_dir(
     ``.<name>.old-*`` beside it). An OSError while writing (e.g. a full disk) becomes a
     one-line CheckpointError; ``target`` is then as it was.
     """
-    from .ownership import RUN, RunLock, check_dir_output, delete_moved, move_aside
+    from .ownership import check_dir_output, delete_moved, locked_if_run, move_aside
 
     given = target
-    info = check_dir_output(target, writes, overwrite=overwrite)
+    check_dir_output(target, writes, overwrite=overwrite)  # refuse before writing anything
     target = Path(os.path.abspath(target))  # "a/b/.." -> "a": a real name for the temps
     parent = target.parent
     what = "checkpoint" if writes == "training" else "model directory"
@@ -304,7 +304,8 @@ def _atomic_write_dir(
         fill(tmp)
         _fsync_dir(tmp)
         _fault_point("before_rename")
-        with RunLock(target) if info.kind == RUN else contextlib.nullcontext():
+        with locked_if_run(target):  # a run being written is not replaced
+            check_dir_output(target, writes, overwrite=overwrite)  # still so, now locked
             old = move_aside(target) if os.path.lexists(target) else None
             os.rename(tmp, target)
         _fsync_dir(parent)
@@ -413,7 +414,11 @@ def prune_checkpoints(run_dir: PathLike, keep: int) -> list[Path]:
         if protected is not None and path.name == protected.name:
             continue
         if classify(path).kind == TRAINING:
-            _remove_tree(path)
+            # renamed to a temp name first: a crash while deleting leaves a temp entry
+            # (cleaned below, next time), never half a step_XXXXXX directory
+            doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_MARK}", dir=run))
+            os.rename(path, doomed / path.name)
+            _remove_tree(doomed)
             removed.append(path)
     for path in run.iterdir():  # temp dirs / files of saves that crashed
         if path.name.startswith(".") and _TMP_MARK in path.name:
@@ -809,7 +814,17 @@ def _build_model(ckpt: Path, state: dict[str, Any], config: Config | None) -> Mo
 
     cfg = _config_of(state, ckpt, config)
     dtype = state["dtype"]
-    model = MoETransformer(cfg, dtype=np.dtype(dtype))
+    need = cfg.total_params() * np.dtype(dtype).itemsize  # before allocating anything
+    have = state["files"][MODEL_FILE]["bytes"]
+    if need > have:
+        raise CheckpointError(
+            f"{ckpt}: the config in {STATE_FILE} needs {need:,} bytes of weights, "
+            f"{MODEL_FILE} has {have:,} ({STATE_FILE} and the tensors disagree)"
+        )
+    try:
+        model = MoETransformer(cfg, dtype=np.dtype(dtype))
+    except (MemoryError, ValueError) as exc:  # e.g. RoPE tables of an absurd max_seq_len
+        raise CheckpointError(f"{ckpt}: cannot build a model of its config: {exc}") from None
     params = model.parameters()
     tensors = _read_tensor_file(
         ckpt, MODEL_FILE, state, {k: p.shape for k, p in params.items()}, dtype

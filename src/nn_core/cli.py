@@ -442,7 +442,8 @@ def _check_new_run_out(out: str | None, force: bool) -> Any:
         return None
     path = Path(out)
     own.check_not_cwd(path)
-    info = own.classify(path)
+    with own.locked_if_run(path):  # a run being written: InUseError, naming the writer
+        info = own.classify(path)
     if info.kind in (own.ABSENT, own.EMPTY):
         own.check_parent(path)
     elif info.kind == own.RUN and not info.foreign:
@@ -462,7 +463,7 @@ def _check_new_run_out(out: str | None, force: bool) -> Any:
     return info
 
 
-def _claim_run_dir(out: str | None, config_name: str, info: Any) -> tuple[Path, Any]:
+def _claim_run_dir(out: str | None, config_name: str, force: bool) -> tuple[Path, Any]:
     """Create (or take over, as ``_check_new_run_out`` allowed) the run directory and lock
     it; returns (directory, held RunLock). A replaced directory is moved aside first and
     deleted once the new one is locked (a crash between leaves ``.NAME.old-*`` beside it)."""
@@ -480,12 +481,10 @@ def _claim_run_dir(out: str | None, config_name: str, info: Any) -> tuple[Path, 
             return path, own.RunLock(path).acquire()
         raise OutputError(f"cannot create a run directory {RUNS_ROOT / base}-N: all taken")
     path = Path(out)
-    old_lock = None
     moved = None
-    try:
+    with own.locked_if_run(path):  # a run being written is not replaced
+        info = _check_new_run_out(out, force)  # again: the data took a while to load
         if info.kind in (own.RUN, own.MODEL, own.TRAINING):
-            if info.kind == own.RUN:  # a run being written is not replaced
-                old_lock = own.RunLock(path).acquire()
             moved = own.move_aside(path)
         try:
             path.mkdir()
@@ -493,9 +492,6 @@ def _claim_run_dir(out: str | None, config_name: str, info: Any) -> tuple[Path, 
             if own.classify(path).kind != own.EMPTY:
                 raise OutputError(f"{path} appeared while starting; not touching it") from None
         lock = own.RunLock(path).acquire()
-    finally:
-        if old_lock is not None:
-            old_lock.release()
     if moved is not None:
         own.delete_moved(moved)
     return path, lock
@@ -590,12 +586,12 @@ def _new_run(args: argparse.Namespace) -> _Run:
     if args.stop_at is not None and args.stop_at > tcfg.total_steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
     _check_allocatable(cfg)
-    out_info = _check_new_run_out(args.out, args.force)  # before any work
+    _check_new_run_out(args.out, args.force)  # before any work
     val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
     text, data_desc, ds = _load_data(args.data, val_fraction)
     sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
     eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
-    out, lock = _claim_run_dir(args.out, config_name, out_info)
+    out, lock = _claim_run_dir(args.out, config_name, args.force)
     try:
         trainer = Trainer(
             MoETransformer(cfg, seed=tcfg.seed), tcfg, out_dir=out, data_source=sampler

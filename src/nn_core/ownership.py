@@ -198,6 +198,8 @@ def classify(path: PathLike) -> Ownership:
     evidence = has_checkpoints = False
     for name in entries:
         entry = p / name
+        if not os.path.lexists(entry):
+            continue  # removed while listing
         plain_file = entry.is_file() and not entry.is_symlink()
         if name == RUN_MARKER and plain_file:
             evidence = True
@@ -269,7 +271,8 @@ def check_dir_output(
     p = Path(path)
     check_not_cwd(p)
     check_parent(p)
-    info = classify(p)
+    with locked_if_run(p):  # a run being written is neither judged nor replaced
+        info = classify(p)
     if info.kind in (ABSENT, EMPTY, writes):
         return info
     if info.kind in (MODEL, TRAINING) or (info.kind == RUN and not info.foreign):
@@ -360,14 +363,18 @@ class RunLock:
     or process gets ``InUseError`` at once, naming the directory and the holder's pid.
     """
 
-    _held: ClassVar[dict[str, list[int]]] = {}  # realpath -> [fd, depth, thread id]
+    # (st_dev, st_ino) of the directory -> [fd, depth, thread id]; by inode, not by path,
+    # so a directory renamed aside while locked is not confused with its replacement
+    _held: ClassVar[dict[tuple[int, int], list[int]]] = {}
     _guard: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, run_dir: PathLike) -> None:
         self.dir = Path(run_dir)
-        self._key = os.path.realpath(self.dir)
+        self._key: tuple[int, int] | None = None
 
     def acquire(self) -> RunLock:
+        st = os.stat(self.dir)
+        self._key = (st.st_dev, st.st_ino)
         with RunLock._guard:
             held = RunLock._held.get(self._key)
             if held is not None:
@@ -400,8 +407,8 @@ class RunLock:
 
     def release(self) -> None:
         with RunLock._guard:
-            held = RunLock._held.get(self._key)
-            if held is None:
+            held = None if self._key is None else RunLock._held.get(self._key)
+            if held is None or self._key is None:
                 return
             held[1] -= 1
             if held[1] == 0:
@@ -415,10 +422,17 @@ class RunLock:
         self.release()
 
 
-def holds_lock(run_dir: PathLike) -> bool:
-    """True if this thread holds the lock of ``run_dir``."""
-    held = RunLock._held.get(os.path.realpath(run_dir))
-    return held is not None and held[2] == threading.get_ident()
+@contextlib.contextmanager
+def locked_if_run(path: PathLike) -> Iterator[None]:
+    """Hold the lock of ``path`` for the block if it is a (marked) run directory, so what
+    is classified or replaced there is not being written meanwhile; InUseError if another
+    writer holds it."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink() and (p / RUN_MARKER).is_file():
+        with RunLock(p):
+            yield
+    else:
+        yield
 
 
 @contextlib.contextmanager
@@ -427,16 +441,16 @@ def run_dir_writer(run_dir: PathLike) -> Iterator[Path]:
 
     Absent: created (its parent must exist); empty: adopted; an nn-core run directory:
     continued. Anything else (a checkpoint, a foreign directory) is refused with
-    OutputError. The directory's lock (``RunLock``) is held for the whole block.
+    OutputError. The directory's lock (``RunLock``) is held for the whole block; another
+    writer gets InUseError.
     """
     p = Path(run_dir)
-    if not holds_lock(p):
+    if not os.path.lexists(p):
+        check_parent(p)
+        with contextlib.suppress(FileExistsError):
+            p.mkdir()
+    with locked_if_run(p):  # classified while no other writer changes it
         info = classify(p)
-        if info.kind == ABSENT:
-            check_parent(p)
-            with contextlib.suppress(FileExistsError):
-                p.mkdir()
-            info = classify(p)
         if info.kind not in (EMPTY, RUN):
             if info.kind in (MODEL, TRAINING):
                 raise OutputError(
@@ -444,5 +458,5 @@ def run_dir_writer(run_dir: PathLike) -> Iterator[Path]:
                     "run directory for step checkpoints"
                 )
             raise refuse_foreign(info, None)
-    with RunLock(p):
-        yield p
+        with RunLock(p):
+            yield p
