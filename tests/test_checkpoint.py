@@ -5,6 +5,7 @@ Shape legend: P parameters (the flat buffers).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -31,6 +32,7 @@ from nn_core.storage.checkpoint import (
     save_model,
     sha256_file,
 )
+from nn_core.storage.ownership import RUN_MARKER
 from nn_core.training.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -207,7 +209,8 @@ def test_interrupted_save_leaves_previous_checkpoint_and_latest(
     assert latest_checkpoint(tmp_path).name == "step_000002"
     loaded = load_training_checkpoint(tmp_path)
     assert loaded.state["step"] == 2 and np.array_equal(loaded.model.flat_params, good)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temps cleaned up
+    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != RUN_MARKER]
+    assert not temps  # temps cleaned up (the run directory's marker stays)
     renamed = stage in ("after_rename", "before_latest")
     assert (tmp_path / "step_000003").exists() == renamed
     if renamed:  # in place, complete, just not yet the latest
@@ -266,6 +269,14 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def signed(state: dict[str, Any]) -> str:
+    """state.json text with its ``state_sha256`` recomputed: SHA-256 of the compact, sorted
+    JSON of every other field (the documented canonical form)."""
+    rest = {k: v for k, v in state.items() if k != "state_sha256"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps({**rest, "state_sha256": hashlib.sha256(canonical.encode()).hexdigest()})
+
+
 def rewrite(ckpt: Path, name: str, mutate: Any) -> None:
     """Change a tensor file and record its new hash, as a consistent but wrong save would."""
     tensors = load_file(str(ckpt / name))
@@ -274,13 +285,14 @@ def rewrite(ckpt: Path, name: str, mutate: Any) -> None:
     state = json.loads((ckpt / STATE_FILE).read_text())
     size = (ckpt / name).stat().st_size
     state["files"][name] = {"sha256": sha256_file(ckpt / name), "bytes": size}
-    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    (ckpt / STATE_FILE).write_text(signed(state))
 
 
 def edit_state(ckpt: Path, **changes: Any) -> None:
+    """Change state.json fields and re-sign it, as a consistent but wrong save would."""
     state = json.loads((ckpt / STATE_FILE).read_text())
     state.update(changes)
-    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    (ckpt / STATE_FILE).write_text(signed(state))
 
 
 @pytest.mark.parametrize("name", [MODEL_FILE, OPTIMIZER_FILE])
@@ -378,8 +390,10 @@ def test_bad_state_json_is_rejected(saved: Path) -> None:
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(saved)
     (saved / STATE_FILE).write_text(good)
-    edit_state(saved, kind="model")
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        Trainer.resume(save_model(trained(1).model, saved.parent / "weights_only"))
+    edit_state(saved, kind="model")  # a "model" state.json holding training fields
+    with pytest.raises(CheckpointError, match="unexpected field"):
         Trainer.resume(saved)
 
 

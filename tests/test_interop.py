@@ -91,8 +91,12 @@ def test_export_replaces_an_existing_file_and_refuses_a_directory(
 ) -> None:
     out = tmp_path / "w.safetensors"
     out.write_bytes(b"old")
-    assert export_weights(run_dir, out) == out
+    with pytest.raises(ValueError, match="not an nn-core weights file.*overwrite=True"):
+        export_weights(run_dir, out)  # not ours: replaced only when asked
+    assert out.read_bytes() == b"old"
+    assert export_weights(run_dir, out, overwrite=True) == out
     assert set(load_file(str(out))) == set(load_model(run_dir).parameters())
+    assert export_weights(run_dir, out) == out  # an nn-core weights file is replaced
     with pytest.raises(ValueError, match="is a directory"):
         export_weights(run_dir, tmp_path)
 

@@ -347,7 +347,8 @@ def test_non_finite_guard_in_fit_writes_nothing_for_the_bad_step(tmp_path) -> No
         trainer.fit(iter(batches), 5, metrics_path=metrics, checkpoint_dir=tmp_path, progress=False)
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]  # nothing for step 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "metrics.jsonl", "step_000002"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".nn-core-run", "latest", "metrics.jsonl", "step_000002"]  # + run marker
     assert latest_checkpoint(tmp_path).name == "step_000002"
     assert load_training_checkpoint(tmp_path).state["step"] == 2
     assert trainer.step == 3  # the refused update did not count

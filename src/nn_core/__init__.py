@@ -2,11 +2,19 @@
 
 The public API (see README.md): ``Config``, ``MoETransformer``, training with
 ``TrainConfig``/``Trainer``, sampling strategies and ``generate`` (in
-``nn_core.inference.generate``), the benchmark in ``nn_core.bench``.
+``nn_core.generate``), the benchmark in ``nn_core.bench``.
 """
 
 from .data.text import ByteTokenizer
-from .errors import CheckpointError, ConfigError, InputError, NNCoreError, NonFiniteError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    InUseError,
+    NNCoreError,
+    NonFiniteError,
+    OutputError,
+)
 from .inference.sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP, make_strategy
 from .model import KVCache, LossTerms, MoETransformer
 from .model.config import Config
@@ -20,12 +28,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "Greedy",
+    "InUseError",
     "InputError",
     "KVCache",
     "LossTerms",
     "MoETransformer",
     "NNCoreError",
     "NonFiniteError",
+    "OutputError",
     "SamplingStrategy",
     "Temperature",
     "TopK",

@@ -26,3 +26,14 @@ class CheckpointError(NNCoreError, ValueError):
 
 class NonFiniteError(NNCoreError, FloatingPointError):
     """A loss or gradient norm became NaN or Inf during training."""
+
+
+class OutputError(NNCoreError, ValueError):
+    """An output path is refused: writing there would replace something nn-core does not
+    own (or replaces only with ``overwrite=True`` / ``--force``), its parent directory is
+    missing, or it is not writable. Nothing was written."""
+
+
+class InUseError(NNCoreError, RuntimeError):
+    """A resource has another user right now: a run directory locked by another writer
+    process, or a model's gradient buffer in use by another thread."""

@@ -10,18 +10,35 @@ convergence.
     nn-core bench [ARGS...]              the benchmark harness (python -m nn_core.bench)
     nn-core convergence [ARGS...]        the suite's convergence check
     nn-core evaluate --checkpoint DIR --data FILE [--scheduler tcp://HOST:8786]
-    nn-core export --checkpoint DIR --out FILE.safetensors   (weights PyTorch can load)
-    nn-core import FILE.safetensors --out DIR
+    nn-core export --checkpoint DIR --out FILE.safetensors [--force]  (weights PyTorch loads)
+    nn-core import FILE.safetensors --out DIR [--force]
     nn-core info [--config NAME|FILE | --checkpoint DIR]
 
-Exit status: 0 success, 1 runtime error (missing or corrupt checkpoint, missing or
-unreadable data/config file, non-finite loss), 2 usage error (bad option value,
-unknown or invalid config field), 130 interrupted. Every error is one line on
-stderr, ``nn-core: error: ...``; user mistakes never print a traceback.
+Exit status:
+    0    success
+    1    runtime error: missing or corrupt checkpoint, missing or unreadable data/config
+         file, non-finite loss, a full disk, the run directory locked by another writer
+    2    usage error: bad option value, unknown or invalid config field, an --out that is
+         refused (see below) or whose parent directory is missing or not writable
+    130  interrupted (Ctrl-C)
+    141  stdout closed early (a broken pipe, e.g. ``nn-core info | head -1``): nothing
+         more is printed, as a tool killed by SIGPIPE (128 + 13) would; no message
+Every error is one line on stderr, ``nn-core: error: ...``; nothing prints a traceback.
+
+Outputs (``nn_core.storage.ownership``): ``--out`` is written only if it is absent, empty or
+holds what the command itself writes (``import``: an nn-core model directory;
+``export``: an nn-core weights file; ``train``: a run directory with no checkpoint
+yet). An nn-core directory or file of another kind, or a run that has checkpoints, is
+replaced only with ``--force``; a directory nn-core did not write is never deleted,
+not even with ``--force``. Parent directories are not created, except ``runs/`` for
+the default run directory. ``nn-core train`` locks its run directory for its whole
+life (new runs and ``--resume``): a second writer exits 1 at once, naming the holder's
+pid; the lock dies with the process.
 
 A run directory (``nn-core train --out DIR``) holds::
 
-    run.json          model and train config, data source (+ SHA-256), command line
+    .nn-core-run      marks it as an nn-core run directory; the writers' lock (holds a pid)
+    run.json          model and train config, data source (+ SHA-256), command line, time
     tokenizer.json    the tokenizer (byte level) -- generate reads it from here
     step_XXXXXX/      checkpoints (nn_core.storage.checkpoint), the newest few are kept
     latest            names the newest checkpoint
@@ -40,8 +57,10 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -50,7 +69,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InputError, NNCoreError
+from ..errors import CheckpointError, ConfigError, InputError, NNCoreError, OutputError
 from ..model.config import Config
 from ..runtime import tune_malloc
 
@@ -276,10 +295,15 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write a run-directory file atomically (a full disk leaves the old file whole)."""
+    from ..storage.checkpoint import atomic_write_file
+
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _blas_limit(threads: int | None) -> Any:
@@ -359,6 +383,12 @@ def _add_train(sub: Any) -> None:
         "--out", metavar="DIR", help="run directory (default runs/<config>-<date>-<time>)"
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in --out even if it holds a run with checkpoints or another "
+        "nn-core directory (replaced); a directory nn-core did not write is never replaced",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out (default: the newest under runs/) from its latest "
@@ -389,14 +419,85 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(run=_run_train)
 
 
-def _fresh_run_dir(out: str | None, config_name: str) -> Path:
+RUNS_ROOT = Path("runs")  # the default run directories: runs/<config>-<date>-<time>[-N]
+
+
+def _check_new_run_out(out: str | None, force: bool) -> Any:
+    """Refuse, before any work, a --out a new run may not use; returns what is there.
+
+    Usable: absent (its parent must exist), empty, or a run directory without
+    checkpoints (replaced); with --force also a run with checkpoints or another nn-core
+    directory (replaced). A directory nn-core did not write never. The default (no
+    --out): runs/ must be creatable or writable.
+    """
+    from ..storage import ownership as own
+
     if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{config_name}-{stamp}"
-    return Path(out)
+        if RUNS_ROOT.exists():
+            if not RUNS_ROOT.is_dir():
+                raise OutputError(f"{RUNS_ROOT} exists but is not a directory; give --out DIR")
+            own.check_parent(RUNS_ROOT / "x")
+        else:
+            own.check_parent(RUNS_ROOT)
+        return None
+    path = Path(out)
+    own.check_not_cwd(path)
+    with own.locked_if_run(path):  # a run being written: InUseError, naming the writer
+        info = own.classify(path)
+    if info.kind in (own.ABSENT, own.EMPTY):
+        own.check_parent(path)
+    elif info.kind == own.RUN and not info.foreign:
+        if info.has_checkpoints and not force:
+            raise UsageError(
+                f"{path} already holds a run: continue it with --resume, pick another --out, "
+                "or --force replaces it"
+            )
+    elif info.kind in (own.MODEL, own.TRAINING):
+        if not force:
+            raise OutputError(
+                f"{path} holds {own.WHAT[info.kind]}; refusing to replace it with a run "
+                "directory (--force replaces it)"
+            )
+    else:  # a foreign directory, a run holding foreign files, any file
+        raise own.refuse_foreign(info, "--force")
+    return info
 
 
-def _newest_run(root: Path = Path("runs")) -> Path:
+def _claim_run_dir(out: str | None, config_name: str, force: bool) -> tuple[Path, Any]:
+    """Create (or take over, as ``_check_new_run_out`` allowed) the run directory and lock
+    it; returns (directory, held RunLock). A replaced directory is moved aside first and
+    deleted once the new one is locked (a crash between leaves ``.NAME.old-*`` beside it)."""
+    from ..storage import ownership as own
+
+    if out is None:  # runs/<config>-<stamp>, -2, -3, ...: exclusive mkdir, no collision
+        RUNS_ROOT.mkdir(exist_ok=True)
+        base = f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1, 10_000):
+            path = RUNS_ROOT / (base if n == 1 else f"{base}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path, own.RunLock(path).acquire()
+        raise OutputError(f"cannot create a run directory {RUNS_ROOT / base}-N: all taken")
+    path = Path(out)
+    moved = None
+    with own.locked_if_run(path):  # a run being written is not replaced
+        info = _check_new_run_out(out, force)  # again: the data took a while to load
+        if info.kind in (own.RUN, own.MODEL, own.TRAINING):
+            moved = own.move_aside(path)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if own.classify(path).kind != own.EMPTY:
+                raise OutputError(f"{path} appeared while starting; not touching it") from None
+        lock = own.RunLock(path).acquire()
+    if moved is not None:
+        own.delete_moved(moved)
+    return path, lock
+
+
+def _newest_run(root: Path = RUNS_ROOT) -> Path:
     runs = [p for p in root.glob("*") if (p / "latest").is_file()] if root.is_dir() else []
     if not runs:
         raise UsageError("--resume needs --out DIR (no run with a checkpoint under runs/)")
@@ -416,17 +517,18 @@ def _load_data(source: str | None, val_fraction: float) -> tuple[str, str, Any]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics lines of updates < step (an interrupted run may have logged more)."""
+    """Keep the metrics lines of updates < step (an interrupted run may have logged more);
+    rewritten atomically, so a full disk leaves the file as it was."""
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if int(json.loads(line)["step"]) < step:
                 kept.append(line)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    _write_text(path, "".join(k + "\n" for k in kept))
 
 
 @dataclasses.dataclass
@@ -434,6 +536,7 @@ class _Run:
     """A training run ready to go: a fresh one or one restored from its checkpoint."""
 
     out: Path
+    lock: Any  # nn_core.storage.ownership.RunLock, held until the command ends
     config_name: str
     trainer: Any  # nn_core.training.train.Trainer (model, TrainConfig, AdamW, data source)
     sampler: Any  # nn_core.data.text.BatchSampler over the train split
@@ -483,20 +586,45 @@ def _new_run(args: argparse.Namespace) -> _Run:
     if args.stop_at is not None and args.stop_at > tcfg.total_steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
     _check_allocatable(cfg)
-    out = _fresh_run_dir(args.out, config_name)
-    if (out / "latest").exists():
-        raise UsageError(f"{out} already holds a run: continue it with --resume, or pick --out")
+    _check_new_run_out(args.out, args.force)  # before any work
     val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
     text, data_desc, ds = _load_data(args.data, val_fraction)
     sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
     eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(MoETransformer(cfg, seed=tcfg.seed), tcfg, out_dir=out, data_source=sampler)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    tokenizer.save(out / "tokenizer.json")
+    out, lock = _claim_run_dir(args.out, config_name, args.force)
+    try:
+        trainer = Trainer(
+            MoETransformer(cfg, seed=tcfg.seed), tcfg, out_dir=out, data_source=sampler
+        )
+        from ..storage.checkpoint import atomic_write_file
+
+        atomic_write_file(out / "tokenizer.json", tokenizer.save)
+        _write_run_json(out, args, config_name, cfg, tcfg, text, data_desc, ds, val_fraction)
+    except BaseException:
+        lock.release()
+        raise
+    return _Run(out, lock, config_name, trainer, sampler, ds, data_desc)
+
+
+def _write_run_json(
+    out: Path,
+    args: argparse.Namespace,
+    config_name: str,
+    cfg: Config,
+    tcfg: Any,
+    text: str,
+    data_desc: str,
+    ds: Any,
+    val_fraction: float,
+) -> None:
+    from ..data.text import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
     _write_json(
         out / "run.json",
         {
+            "library": "nn-core",
+            "kind": "run",
             "config_name": config_name,
             "config": cfg.to_dict(),
             "train_config": tcfg.to_dict(),
@@ -510,33 +638,48 @@ def _new_run(args: argparse.Namespace) -> _Run:
             },
             "tokenizer": tokenizer.to_dict(),
             "command": [PROG, *(sys.argv[1:] if args.argv is None else args.argv)],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),  # checkpoints hold no time
         },
     )
-    return _Run(out, config_name, trainer, sampler, ds, data_desc)
 
 
 def _resumed_run(args: argparse.Namespace) -> _Run:
-    from ..data.text import BatchSampler
-    from ..errors import CheckpointError
-    from ..storage.checkpoint import latest_checkpoint
-    from ..training.train import Trainer
+    from ..storage import ownership as own
 
     given = [flag for dest, flag in _FIXED_ON_RESUME.items() if getattr(args, dest) is not None]
+    if args.force:
+        given.append("--force")
     if given:
         raise UsageError(
             f"{', '.join(given)} cannot change when resuming (the run's settings are in "
             "run.json); only --steps, --stop-at, --eval-interval, --checkpoint-interval can"
         )
     out = Path(args.out) if args.out is not None else _newest_run()
-    run_file = out / "run.json"
-    if not out.is_dir() or latest_checkpoint(out) is None or not run_file.is_file():
+    info = own.classify(out)
+    if info.kind != own.RUN or not (out / "latest").is_file() or not (out / "run.json").is_file():
         raise CheckpointError(f"{out} holds no run to resume (no latest checkpoint or run.json)")
+    lock = own.RunLock(out).acquire()  # before reading: nobody else writes it meanwhile
+    try:
+        return _resume_locked(args, out, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_locked(args: argparse.Namespace, out: Path, lock: Any) -> _Run:
+    from ..data.text import BatchSampler
+    from ..training.train import Trainer
+
+    run_file = out / "run.json"
     try:
         run = json.loads(run_file.read_text(encoding="utf-8"))
         source, val_fraction = run["data"]["source"], run["data"]["val_fraction"]
         digest, saved, config_name = run["data"]["sha256"], run["train_config"], run["config_name"]
-    except (ValueError, KeyError, TypeError) as exc:
+        if not (source is None or isinstance(source, str)) or not isinstance(config_name, str):
+            raise TypeError("data.source and config_name must be strings")
+        sampler_args = (int(saved["batch_size"]), int(saved["seq_len"]), int(saved["seed"]))
+        val_fraction = float(val_fraction)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{run_file} is corrupt: {exc!r}") from None
     text, data_desc, ds = _load_data(source, val_fraction)
     if _sha256_text(text) != digest:
@@ -544,8 +687,26 @@ def _resumed_run(args: argparse.Namespace) -> _Run:
             f"the training text {source or '(default corpus)'} changed since the run "
             "started (SHA-256 differs): an exact resume needs the same data"
         )
-    sampler = BatchSampler(ds.train, saved["batch_size"], saved["seq_len"], saved["seed"])
+    try:
+        sampler = BatchSampler(ds.train, *sampler_args)
+    except ConfigError as exc:
+        raise CheckpointError(f"{run_file} is corrupt: {exc}") from None
     trainer = Trainer.resume(out, data_source=sampler, out_dir=out)
+    if sampler.batches_drawn != trainer.step or trainer.step > trainer.config.total_steps:
+        raise CheckpointError(
+            f"{trainer.last_checkpoint}: step {trainer.step} disagrees with the data position "
+            f"({sampler.batches_drawn} batches drawn) or the schedule "
+            f"({trainer.config.total_steps} steps); the checkpoint is not from this run"
+        )
+    if args.steps is not None and args.steps < trainer.step:
+        raise UsageError(
+            f"--steps ({args.steps}) must be >= the run's current step {trainer.step} "
+            "(--steps is the total length of the schedule, not the updates still to do)"
+        )
+    if args.stop_at is not None and args.stop_at < trainer.step:
+        raise UsageError(
+            f"--stop-at ({args.stop_at}) must be >= the run's current step {trainer.step}"
+        )
     changes = {
         "total_steps": args.steps,
         "eval_interval": args.eval_interval,
@@ -560,18 +721,25 @@ def _resumed_run(args: argparse.Namespace) -> _Run:
         )
     _truncate_metrics(out / "metrics.jsonl", trainer.step)
     _say(f"resuming {out} at step {trainer.step} of {trainer.config.total_steps}")
-    return _Run(out, config_name, trainer, sampler, ds, data_desc)
+    return _Run(out, lock, config_name, trainer, sampler, ds, data_desc)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..data.text import ByteTokenizer, eval_batches, unigram_entropy
-
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
     tune_malloc()
     run = _resumed_run(args) if args.resume else _new_run(args)
+    try:  # the run directory stays locked until the command ends (crash: the OS frees it)
+        return _train(args, run)
+    finally:
+        run.lock.release()
+
+
+def _train(args: argparse.Namespace, run: _Run) -> int:
+    import numpy as np
+
+    from ..data.text import ByteTokenizer, eval_batches, unigram_entropy
+
     trainer, ds, out = run.trainer, run.data, run.out
     model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
     entropy = unigram_entropy(np.concatenate([ds.train, ds.val]))
@@ -615,7 +783,7 @@ def _run_train(args: argparse.Namespace) -> int:
     sample = ""
     if args.sample_tokens:
         sample = _training_sample(model, tokenizer, ds, run.data_desc, args.sample_tokens)
-        (out / "sample.txt").write_text(sample, encoding="utf-8")
+        _write_text(out / "sample.txt", sample)
     rate = f" ({todo / elapsed:.1f} updates/s)" if todo and elapsed > 0 else ""
     _say(
         f"\nstep {trainer.step} of {tcfg.total_steps}; {todo} updates in {elapsed:.1f} s{rate}\n"
@@ -722,8 +890,12 @@ def plot_loss_curve(
     ax.legend()
     fig.tight_layout()
     out = Path(png_path)
-    fig.savefig(out)
-    plt.close(fig)
+    from ..storage.checkpoint import atomic_write_file
+
+    try:
+        atomic_write_file(out, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -762,6 +934,18 @@ def _add_generate(sub: Any) -> None:
     p.set_defaults(run=_run_generate)
 
 
+def _check_utf8(value: str, option: str, advice: str) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (Python keeps them as surrogate
+    escapes, which cannot be encoded)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = value[exc.start].encode("utf-8", "surrogateescape")
+        raise UsageError(
+            f"{option} is not valid UTF-8 (byte 0x{byte.hex()} at character {exc.start}); {advice}"
+        ) from None
+
+
 def _find_tokenizer(checkpoint: Path) -> Any:
     """tokenizer.json in the checkpoint directory or its run directory; else byte level."""
     from ..data.text import ByteTokenizer
@@ -791,12 +975,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         if not args.prompt:
             raise UsageError("--prompt must not be empty (generation needs a context)")
+        _check_utf8(args.prompt, "--prompt", "put the text in a UTF-8 file: --prompt-file")
         text = args.prompt
     else:
         text = load_text(args.prompt_file)
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model = load_model(ckpt)
-    tokenizer = _find_tokenizer(ckpt)
+    model = load_model(args.checkpoint)  # a run directory: its latest, verified
+    tokenizer = _find_tokenizer(resolve_checkpoint(args.checkpoint))
     max_seq = model.config.max_seq_len
     if args.max_new_tokens > max_seq - 1:
         raise UsageError(
@@ -862,14 +1046,24 @@ def _add_export(sub: Any) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="run directory (uses its latest) or checkpoint dir"
     )
-    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file, e.g. model.safetensors (its directory must exist; an existing "
+        "nn-core weights file is replaced)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out even if it is another kind of file"
+    )
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from ..storage.ownership import check_file_output
     from ..storage.weights import export_weights
 
-    out = export_weights(args.checkpoint, args.out)
+    check_file_output(args.out, overwrite=args.force, force="--force")
+    out = export_weights(args.checkpoint, args.out, overwrite=args.force)
     _say(f"wrote {out} ({_human(out.stat().st_size)}B)")
     return 0
 
@@ -882,7 +1076,17 @@ def _add_import(sub: Any) -> None:
         "and write a model directory that generate / evaluate / MoETransformer.load read.",
     )
     p.add_argument("file", help="weights file (.safetensors)")
-    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="model directory to write (absent, empty or an nn-core model directory)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if it is another nn-core directory (a run, a training "
+        "checkpoint); a directory nn-core did not write is never replaced",
+    )
     p.add_argument(
         "--config",
         help="preset or .toml/.json config, for a file without nn_core_config metadata "
@@ -897,8 +1101,11 @@ def _run_import(args: argparse.Namespace) -> int:
 
     if args.set and args.config is None:
         raise UsageError("--set applies to --config; give --config too")
+    from ..storage.ownership import MODEL, check_dir_output
+
     config = None if args.config is None else resolve_configs(args.config, args.set or [])[0]
-    out = import_weights(args.file, args.out, config=config)
+    check_dir_output(args.out, MODEL, overwrite=args.force, force="--force")
+    out = import_weights(args.file, args.out, config=config, overwrite=args.force)
     _say(f"wrote model directory {out}")
     return 0
 
@@ -936,7 +1143,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             from distributed import Client
         except ImportError:
             raise UsageError("--scheduler needs Dask: pip install 'nn-core[distributed]'") from None
-        with Client(args.scheduler) as client:
+        try:
+            client = Client(args.scheduler)
+        except ValueError as exc:  # a malformed address (no port, unknown scheme, ...)
+            raise UsageError(
+                f"--scheduler must be a Dask scheduler address like tcp://HOST:8786, got "
+                f"{args.scheduler!r} ({exc})"
+            ) from None
+        except (OSError, TimeoutError) as exc:  # nobody answers there
+            raise OSError(f"cannot reach the Dask scheduler {args.scheduler}: {exc}") from None
+        with client:
             result = evaluate_file(
                 args.checkpoint, args.data, executor=client.get_executor(), **kwargs
             )
@@ -1021,13 +1237,8 @@ def _run_info(args: argparse.Namespace) -> int:
         if args.set:
             raise UsageError("--set applies to --config, not to --checkpoint")
         ckpt = resolve_checkpoint(args.checkpoint)
-        state = read_state(ckpt)
-        try:
-            cfg = Config.from_dict(state["config"])
-        except (ConfigError, TypeError) as exc:
-            from ..errors import CheckpointError
-
-            raise CheckpointError(f"{ckpt}: invalid config in state.json: {exc}") from None
+        state = read_state(ckpt)  # verified: its checksum, every field's type and range
+        cfg = Config.from_dict(state["config"])
         name = str(ckpt)
         extra = {"checkpoint": str(ckpt), "kind": state.get("kind"), "dtype": state.get("dtype")}
         if "step" in state:
@@ -1111,7 +1322,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="nn-core: a from-scratch Mixture-of-Experts transformer on NumPy.",
-        epilog="Exit status: 0 ok, 1 runtime error, 2 usage error, 130 interrupted.",
+        epilog="Exit status: 0 ok, 1 runtime error, 2 usage error (including a refused --out), "
+        "130 interrupted, 141 stdout closed early (broken pipe).",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1122,16 +1334,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (errors: one line on stderr)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # a real command line: print paths holding non-UTF-8 bytes as given
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     try:
         if args_list and args_list[0] in FORWARDED:
-            return FORWARDED[args_list[0]][1](args_list[1:])
-        args = build_parser().parse_args(args_list)
-        args.argv = None if argv is None else args_list
-        return int(args.run(args))
-    except (UsageError, ConfigError) as exc:
+            status = FORWARDED[args_list[0]][1](args_list[1:])
+        else:
+            args = build_parser().parse_args(args_list)
+            args.argv = None if argv is None else args_list
+            status = int(args.run(args))
+        sys.stdout.flush()  # a reader gone now is a broken pipe here, not at exit
+        return status
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, like Unix tools
+        _detach_stdout()
+        return EXIT_BROKEN_PIPE
+    except (UsageError, ConfigError, OutputError) as exc:
         return _fail(exc, 2)
     except (NNCoreError, OSError, MemoryError) as exc:
         return _fail(exc, 1)
@@ -1140,11 +1364,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush finds no broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file (tests capture stdout): nothing to flush at exit
+
+
 def _fail(exc: BaseException, status: int) -> int:
     message = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         message = f"{exc.filename}: {exc.strerror}"
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return status
 
 

@@ -681,6 +681,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.blas_threads is not None and args.blas_threads < 1:
         print("error: --blas-threads must be >= 1", file=err)
         return 2
+    if args.out:  # checked now, not after the whole benchmark ran
+        from ..errors import OutputError
+        from ..storage.ownership import check_writable_file
+
+        try:
+            check_writable_file(args.out)
+        except OutputError as exc:
+            print(f"error: --out: {exc}", file=err)
+            return 2
     try:
         scenarios = select(args.scenario)
         train_options = parse_train_options(args.train_option)

@@ -102,8 +102,8 @@ class ByteTokenizer:
         """Read a tokenizer.json; a missing or malformed file raises CheckpointError."""
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read tokenizer file {path}: {exc}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"cannot read tokenizer file {path}: {exc!r}") from None
         return cls.from_dict(d)
 
 
@@ -274,19 +274,27 @@ class BatchSampler:
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; a state from a sampler of another shape -> CheckpointError."""
+        """Restore ``state_dict()``; a state from a sampler of another shape, or one out of
+        range (batches_drawn < 0, a malformed generator state) -> CheckpointError."""
+        from ..storage.checkpoint import check_generator_state
+
+        keys = {"bit_generator", "batches_drawn", "batch_size", "seq_len", "n_tokens"}
+        if not isinstance(d, dict) or set(d) != keys:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise CheckpointError(f"sampler state must have the fields {sorted(keys)}, got {got}")
         shape = {"batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": self.ids.size}
         for key, mine in shape.items():
-            if d.get(key) != mine:
+            if d[key] != mine or isinstance(d[key], bool):
                 raise CheckpointError(
-                    f"sampler state has {key}={d.get(key)!r}, this sampler has {mine}; "
+                    f"sampler state has {key}={d[key]!r}, this sampler has {mine}; "
                     "an exact resume needs the same data, batch_size and seq_len"
                 )
-        try:
-            self._rng.bit_generator.state = d["bit_generator"]
-            self.batches_drawn = int(d["batches_drawn"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"malformed sampler state: {exc!r}") from exc
+        drawn = d["batches_drawn"]
+        if isinstance(drawn, bool) or not isinstance(drawn, int) or drawn < 0:
+            raise CheckpointError(f"sampler state batches_drawn must be an int >= 0, got {drawn!r}")
+        check_generator_state(d["bit_generator"], "sampler state bit_generator")
+        self._rng.bit_generator.state = d["bit_generator"]
+        self.batches_drawn = drawn
 
 
 def eval_batches(

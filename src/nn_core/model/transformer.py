@@ -14,7 +14,8 @@ Buffers: every call gets its arrays from a workspace kept per (thread, purpose, 
 shape) (``nn_core.model.workspace``), so repeated calls allocate nothing but their
 results, and forwards in several threads never share a buffer. ``forward`` returns a
 fresh logits array. Gradients live in one shared flat buffer: gradient calls on one
-model must not overlap in several threads (they raise an error if they do).
+model must not overlap in several threads (a second one raises InUseError at once
+instead of mixing two gradients): use one model per thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..checks import check_int, check_number, check_token_ids
-from ..errors import InputError
+from ..errors import InputError, InUseError
 from .attention import KVCache, KVLayer, build_rope
 from .blas import blas_threads, threads_for
 from .block import BlockCache, BlockWeights, block_backward, block_forward
@@ -418,7 +419,7 @@ class MoETransformer:
 
         ``fractions`` [L, E]: each layer's aux-loss f_e taken from a larger batch this one
         is part of (data parallelism), instead of this batch's own. Gradient calls on one
-        model must not overlap in several threads (InputError if they do).
+        model must not overlap in several threads (InUseError if they do).
         """
         if not isinstance(state, LossState):
             raise InputError(
@@ -524,7 +525,7 @@ class _GradientWriter:
 
     def __enter__(self) -> None:
         if not self.lock.acquire(blocking=False):
-            raise InputError(
+            raise InUseError(
                 "a gradient call (loss_and_grad / backward) is already running on this model "
                 "in another thread; its gradient buffer is shared, so gradient calls must not "
                 "overlap: use one model per thread"

@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError
 from ..model.config import Config
 from .checkpoint import (
     atomic_write_file,
     load_model,
     load_verified_tensors,
     save_model,
+    write_safetensors,
 )
 
 if TYPE_CHECKING:
@@ -83,21 +84,24 @@ def weights_metadata(model: MoETransformer) -> dict[str, str]:
     }
 
 
-def export_weights(checkpoint: PathLike, out_file: PathLike) -> Path:
+def export_weights(checkpoint: PathLike, out_file: PathLike, *, overwrite: bool = False) -> Path:
     """Write the weights of a checkpoint as one .safetensors file; returns its path.
 
     ``checkpoint``: a model directory (``MoETransformer.save``), a training checkpoint
     or a run directory (its ``latest``); it is verified as ``load_model`` does. The file
-    is written atomically (temp file + rename); an existing file is replaced.
+    is written atomically (temp file + rename), byte-reproducibly (sorted header), with
+    the umask's mode. ``out_file``'s directory must exist; an existing nn-core weights
+    file is replaced, any other existing file only with ``overwrite=True`` (else
+    OutputError), a directory never.
     """
-    from safetensors.numpy import save_file
+    from .ownership import check_file_output
 
-    model = load_model(checkpoint)
     out = Path(out_file)
-    if out.is_dir():
-        raise InputError(f"out_file {out} is a directory; give a file name, e.g. model.safetensors")
-    tensors = {name: np.ascontiguousarray(p) for name, p in model.parameters().items()}
-    atomic_write_file(out, lambda tmp: save_file(tensors, str(tmp), weights_metadata(model)))
+    check_file_output(out, overwrite=overwrite)  # before the (long) load
+    model = load_model(checkpoint)
+    check_file_output(out, overwrite=overwrite)  # still so after it
+    tensors = model.parameters()
+    atomic_write_file(out, lambda tmp: write_safetensors(tmp, tensors, weights_metadata(model)))
     return out
 
 
@@ -204,8 +208,18 @@ def load_weights(file: PathLike, *, config: Config | None = None) -> MoETransfor
     return model
 
 
-def import_weights(file: PathLike, out_dir: PathLike, *, config: Config | None = None) -> Path:
+def import_weights(
+    file: PathLike, out_dir: PathLike, *, config: Config | None = None, overwrite: bool = False
+) -> Path:
     """Verify a weights file (``load_weights``) and write it as an nn-core model directory
     (``checkpoint.save_model``: atomic, SHA-256 recorded), loadable with
-    ``MoETransformer.load``; returns the directory."""
-    return save_model(load_weights(file, config=config), out_dir)
+    ``MoETransformer.load``; returns the directory.
+
+    ``out_dir`` must be absent, empty or an nn-core model directory (replaced); another
+    nn-core directory (a run, a training checkpoint) only with ``overwrite=True``; any
+    other path never (OutputError). Checked before the weights are read.
+    """
+    from .ownership import MODEL, check_dir_output
+
+    check_dir_output(out_dir, MODEL, overwrite=overwrite)
+    return save_model(load_weights(file, config=config), out_dir, overwrite=overwrite)

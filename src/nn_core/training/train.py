@@ -18,6 +18,7 @@ tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, InputError, NonFiniteError
+from ..errors import CheckpointError, ConfigError, InputError, NonFiniteError, OutputError
 from ..model.config import Config, DictConfig
 
 if TYPE_CHECKING:
@@ -485,13 +486,14 @@ class Trainer:
         fresh iterable). A checkpoint is saved to ``checkpoint_dir`` (default ``out_dir``;
         none if both are None) after every ``checkpoint_interval`` updates and always
         at the end. The tqdm bar (stderr) shows loss, tokens/s and the ETA.
+
+        The run directory is created if absent (its parent must exist) and must otherwise
+        be empty or an nn-core run directory (``nn_core.storage.ownership``); it is locked for the
+        whole call, so a second writer (process or thread) gets ``InUseError`` at once.
         """
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise InputError(f"steps must be an int >= 0, got {steps!r}")
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        next_batch = _batch_stream(batches)
+        next_batch = _batch_stream(batches)  # a bad argument fails before anything is written
         if self.data_source is None and _has_state(batches):
             self.data_source = batches
         get_eval: Callable[[], Iterable[Batch]] | None = None
@@ -504,13 +506,35 @@ class Trainer:
         if metrics_path is None and self.out_dir is not None:
             metrics_path = self.out_dir / "metrics.jsonl"
         run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out_dir
+        with contextlib.ExitStack() as stack:
+            if run_dir is not None:  # created if absent; locked: one writer per run directory
+                from ..storage.ownership import run_dir_writer
+
+                stack.enter_context(run_dir_writer(run_dir))
+            return self._fit(next_batch, steps, get_eval, metrics_path, run_dir, progress)
+
+    def _fit(
+        self,
+        next_batch: Callable[[], Batch],
+        steps: int,
+        get_eval: Callable[[], Iterable[Batch]] | None,
+        metrics_path: str | os.PathLike[str] | None,
+        run_dir: Path | None,
+        progress: bool,
+    ) -> list[dict[str, float]]:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
         history: list[dict[str, float]] = []
         saved_at = -1  # step of the newest checkpoint written by this call
         metrics_file = None
         bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, disable=not progress)
         try:
             if metrics_path is not None:
-                Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+                if not Path(metrics_path).parent.is_dir():
+                    raise OutputError(
+                        f"cannot write metrics file {metrics_path}: its directory does not exist"
+                    )
                 metrics_file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115
             for _ in range(steps):
                 try:
@@ -520,7 +544,7 @@ class Trainer:
                         f"batches ran out after {len(history)} of {steps} steps; "
                         "training stopped early",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
                     break
                 start = time.perf_counter()
@@ -535,8 +559,11 @@ class Trainer:
                     metrics.update(self.evaluate(get_eval()))
                 history.append(metrics)
                 if metrics_file is not None:
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
+                    try:
+                        metrics_file.write(json.dumps(metrics) + "\n")
+                        metrics_file.flush()
+                    except OSError as exc:  # e.g. a full disk: name the file
+                        raise OSError(exc.errno, exc.strerror, str(metrics_path)) from exc
                 interval = cfg.checkpoint_interval
                 if run_dir is not None and interval and self.step % interval == 0:
                     self.save_checkpoint(run_dir)
@@ -552,7 +579,8 @@ class Trainer:
         finally:
             bar.close()
             if metrics_file is not None:
-                metrics_file.close()
+                with contextlib.suppress(OSError):  # the error that got here is the one to see
+                    metrics_file.close()
         return history
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -567,28 +595,38 @@ class Trainer:
             "data_state": data_state,
         }
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write everything (weights, m, v, step, configs, RNG and data state) to directory
-        ``path``, atomically. See ``nn_core.storage.checkpoint``."""
+        ``path``, atomically. ``path`` must be absent, empty or an nn-core training
+        checkpoint (replaced); another nn-core directory only with ``overwrite=True``;
+        anything else never. See ``nn_core.storage.checkpoint``."""
         from ..storage.checkpoint import save_training_checkpoint
 
         out = save_training_checkpoint(
-            path, self.model, self.optimizer.m, self.optimizer.v, self.state()
+            path,
+            self.model,
+            self.optimizer.m,
+            self.optimizer.v,
+            self.state(),
+            overwrite=overwrite,
         )
         self.last_checkpoint = out
         return out
 
     def save_checkpoint(self, run_dir: str | os.PathLike[str] | None = None) -> Path:
         """Save to ``run_dir/step_XXXXXX``, point ``run_dir/latest`` at it, then keep the
-        newest ``keep_checkpoints`` step checkpoints. ``run_dir`` defaults to ``out_dir``."""
+        newest ``keep_checkpoints`` step checkpoints. ``run_dir`` defaults to ``out_dir``;
+        it is created if absent and locked while writing (see ``fit``)."""
         from ..storage.checkpoint import prune_checkpoints, step_dir_name, update_latest
+        from ..storage.ownership import run_dir_writer
 
         target_dir = Path(run_dir) if run_dir is not None else self.out_dir
         if target_dir is None:
             raise InputError("save_checkpoint needs run_dir (or the trainer's out_dir)")
-        path = self.save(target_dir / step_dir_name(self.step))
-        update_latest(target_dir, path.name)
-        prune_checkpoints(target_dir, self.config.keep_checkpoints)
+        with run_dir_writer(target_dir):
+            path = self.save(target_dir / step_dir_name(self.step))
+            update_latest(target_dir, path.name)
+            prune_checkpoints(target_dir, self.config.keep_checkpoints)
         return path
 
     @classmethod
@@ -609,19 +647,13 @@ class Trainer:
         """
         from ..storage.checkpoint import load_training_checkpoint
 
-        ckpt = load_training_checkpoint(path, config=config)
+        ckpt = load_training_checkpoint(path, config=config)  # every field range-checked
         state = ckpt.state
-        try:
-            train_config = TrainConfig.from_dict(state["train_config"])
-        except (ConfigError, TypeError) as exc:
-            raise CheckpointError(f"{ckpt.path}: invalid train_config: {exc}") from exc
+        train_config = TrainConfig.from_dict(state["train_config"])
         trainer = cls(ckpt.model, train_config, out_dir=out_dir, data_source=data_source)
-        try:
-            t = int(state["optimizer"]["t"])
-            trainer.step = int(state["step"])
-            trainer.rng.bit_generator.state = state["rng_state"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{ckpt.path}: malformed training state: {exc!r}") from exc
+        trainer.step = state["step"]
+        trainer.rng.bit_generator.state = state["rng_state"]
+        t = state["optimizer"]["t"]
         trainer.optimizer.load_state_dict({"m": ckpt.m, "v": ckpt.v, "t": t})
         if data_source is not None:
             if state["data_state"] is None:
