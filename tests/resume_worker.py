@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from nn_core.data.text import BatchSampler
-from nn_core.training.train import TrainConfig, Trainer
+from nn_core.data.dataset import BatchSampler
+from nn_core.training.config import TrainConfig
+from nn_core.training.trainer import Trainer
 
 
 def make_sampler(seed: int = 1234) -> BatchSampler:

@@ -21,7 +21,9 @@ import pytest
 
 from nn_core import CheckpointError, Config, ConfigError, InputError, MoETransformer
 from nn_core.app.jobs import cached_model, clear_model_cache, evaluate_file, generate_many
-from nn_core.data.text import ByteTokenizer, default_corpus, eval_batches
+from nn_core.data.corpus import default_corpus
+from nn_core.data.dataset import eval_batches
+from nn_core.data.tokenizer import ByteTokenizer
 from nn_core.inference.generate import generate
 from nn_core.inference.sampling import Greedy, TopK
 from nn_core.storage.checkpoint import (
@@ -31,7 +33,8 @@ from nn_core.storage.checkpoint import (
     resolve_checkpoint,
     save_model,
 )
-from nn_core.training.train import TrainConfig, Trainer
+from nn_core.training.config import TrainConfig
+from nn_core.training.trainer import Trainer
 
 TINY = Config.tiny()
 SEQ, BATCH = 32, 4

@@ -71,20 +71,6 @@ SCENARIO_FIELDS = [
 ]  # fmt: skip
 
 
-def _has_model() -> bool:
-    try:
-        import nn_core.model.transformer  # noqa: F401
-        import nn_core.training.train  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_model = pytest.mark.skipif(
-    not _has_model(), reason="nn_core.model.transformer / nn_core.training.train missing"
-)
-
-
 # ---------------------------------------------------------------------------- scenario table
 
 
@@ -299,7 +285,6 @@ def _check_types(rec: dict) -> None:
     assert isinstance(rec["warmup_runs"], int) and isinstance(rec["trial_runs"], int)
 
 
-@needs_model
 def test_small_run_json_schema_and_pure_stdout() -> None:
     ids = [
         "kernel_softmax", "kernel_matmul", "dispatch_warm", "dispatch_cold", "mem_train_step",
@@ -354,7 +339,6 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     assert t2["throughput_tokens_per_sec"] == pytest.approx(128 / (t2["median_ns"] * 1e-9))
 
 
-@needs_model
 def test_process_pool_with_spawn_runs_independent_models() -> None:
     from nn_core.bench.pool import PoolTask, ProcessPool
 
@@ -396,9 +380,8 @@ def test_train_options_parse_and_validate(capsys: pytest.CaptureFixture[str]) ->
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_train_options(["kernels"])
-    if _has_model():
-        assert main(["--scenario", "mem_train_step", "--train-option", "no_such=1"]) == 2
-        assert "no_such" in capsys.readouterr().err
+    assert main(["--scenario", "mem_train_step", "--train-option", "no_such=1"]) == 2
+    assert "no_such" in capsys.readouterr().err
 
 
 def test_isolated_run_measures_each_scenario_in_a_fresh_process(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ from nn_core.storage.checkpoint import (
     sha256_file,
 )
 from nn_core.storage.ownership import RUN_MARKER
-from nn_core.training.train import TrainConfig, Trainer
+from nn_core.training.config import TrainConfig
+from nn_core.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_worker import make_sampler, make_train_config  # noqa: E402

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from nn_core import CheckpointError, Config, MoETransformer
 from nn_core.app.cli import main
-from nn_core.data.text import BatchSampler
+from nn_core.data.dataset import BatchSampler
 from nn_core.storage.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
@@ -42,7 +42,8 @@ from nn_core.storage.checkpoint import (
     save_model,
 )
 from nn_core.storage.weights import export_weights, import_weights
-from nn_core.training.train import TrainConfig, Trainer
+from nn_core.training.config import TrainConfig
+from nn_core.training.trainer import Trainer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # a small model: the faults are about files, not arithmetic (~90k parameters)

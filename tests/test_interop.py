@@ -19,7 +19,7 @@ from readme import readme_python_block
 from safetensors.numpy import load_file, save_file
 
 from nn_core import CheckpointError, Config, MoETransformer
-from nn_core.data.text import ByteTokenizer
+from nn_core.data.tokenizer import ByteTokenizer
 from nn_core.inference.generate import generate
 from nn_core.model.transformer import parameter_specs
 from nn_core.storage.checkpoint import STATE_FILE, load_model, save_model
@@ -31,7 +31,8 @@ from nn_core.storage.weights import (
     load_weights,
     read_weights_metadata,
 )
-from nn_core.training.train import TrainConfig, Trainer
+from nn_core.training.config import TrainConfig
+from nn_core.training.trainer import Trainer
 
 TINY = Config.tiny()
 TESTS = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""The compiled kernels equal their NumPy references (nn_core.training.train)."""
+"""The compiled kernels equal their NumPy references (nn_core.training.optim)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nn_core.training.kernels import adamw_update_fused, global_norm_fused
-from nn_core.training.train import adamw_update, global_norm
+from nn_core.training.optim import adamw_update, global_norm
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

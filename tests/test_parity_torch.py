@@ -220,7 +220,8 @@ def train_both(dtype, clip) -> tuple[np.ndarray, dict[str, float]]:
     relative errors of the per-step loss and grad_norm curves). sum_t lr_t bounds how
     far AdamW can move any weight in these steps (|m_hat| / sqrt(v_hat) is ~1 at most).
     """
-    from nn_core.training.train import TrainConfig, Trainer
+    from nn_core.training.config import TrainConfig
+    from nn_core.training.trainer import Trainer
 
     model, ref = twin(TINY, dtype, seed=3)
     # the SPEC convergence batch: inputs i mod 1000, targets (i+1) mod 1000, i = 0..15
@@ -247,7 +248,8 @@ def train_both(dtype, clip) -> tuple[np.ndarray, dict[str, float]]:
 
 
 def test_get_lr_matches_the_spec_schedule():
-    from nn_core.training.train import TrainConfig, get_lr
+    from nn_core.training.config import TrainConfig
+    from nn_core.training.optim import get_lr
 
     cfg = TrainConfig(lr=3e-4, warmup_steps=7, total_steps=40)
     for t in range(60):

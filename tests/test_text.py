@@ -1,4 +1,4 @@
-"""Tests of nn_core.data.text: tokenizer, default corpus, text loading, splits and batches."""
+"""Tests of nn_core.data: tokenizer, default corpus, text loading, splits and batches."""
 
 from __future__ import annotations
 
@@ -14,18 +14,20 @@ import numpy as np
 import pytest
 from timeouts import SUBPROCESS_TIMEOUT
 
-from nn_core.data.text import (
+from nn_core.data.corpus import (
     DEFAULT_CORPUS_MODULES,
-    BatchSampler,
-    ByteTokenizer,
-    TokenDataset,
     default_corpus,
     describe_default_corpus,
-    eval_batches,
     load_text,
+)
+from nn_core.data.dataset import (
+    BatchSampler,
+    TokenDataset,
+    eval_batches,
     split_tokens,
     unigram_entropy,
 )
+from nn_core.data.tokenizer import ByteTokenizer
 from nn_core.errors import CheckpointError, ConfigError, InputError
 
 TOK = ByteTokenizer()
@@ -98,7 +100,7 @@ def test_default_corpus():
 
 def test_default_corpus_is_deterministic_across_processes():
     code = (
-        "import hashlib, nn_core.data.text as t; "
+        "import hashlib, nn_core.data.corpus as t; "
         "print(hashlib.sha256(t.default_corpus().encode()).hexdigest())"
     )
     digests = {

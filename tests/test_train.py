@@ -13,18 +13,12 @@ import numpy as np
 import pytest
 
 from nn_core import Config, MoETransformer
-from nn_core.data.text import BatchSampler
+from nn_core.data.dataset import BatchSampler
 from nn_core.errors import ConfigError, InputError, NonFiniteError
 from nn_core.model.loss import cross_entropy_backward, cross_entropy_forward
-from nn_core.training.train import (
-    AdamW,
-    TrainConfig,
-    Trainer,
-    adamw_update,
-    clip_grad_norm,
-    get_lr,
-    global_norm,
-)
+from nn_core.training.config import TrainConfig
+from nn_core.training.optim import AdamW, adamw_update, clip_grad_norm, get_lr, global_norm
+from nn_core.training.trainer import Trainer
 
 TINY = Config.tiny()
 
@@ -204,7 +198,7 @@ def test_adamw_matches_scalar_reference(dtype: type, rtol: float, atol: float) -
 
 
 def test_adamw_blocks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nn_core.training.train as train_mod
+    import nn_core.training.optim as train_mod
 
     rng = np.random.default_rng(3)
     n = 10_007  # not a multiple of any block

@@ -5,7 +5,7 @@ The public API (see README.md): ``Config``, ``MoETransformer``, training with
 ``nn_core.generate``), the benchmark in ``nn_core.bench``.
 """
 
-from .data.text import ByteTokenizer
+from .data.tokenizer import ByteTokenizer
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -19,9 +19,13 @@ from .inference.sampling import Greedy, SamplingStrategy, Temperature, TopK, Top
 from .model import KVCache, LossTerms, MoETransformer
 from .model.config import Config
 from .storage.checkpoint import load_model, save_model
-from .training.train import AdamW, TrainConfig, Trainer, clip_grad_norm, get_lr
+from .training.config import TrainConfig
+from .training.optim import AdamW, clip_grad_norm, get_lr
+from .training.trainer import Trainer
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "AdamW",
     "ByteTokenizer",
     "CheckpointError",
@@ -48,4 +52,3 @@ __all__ = [
     "make_strategy",
     "save_model",
 ]
-__version__ = "0.1.0"

@@ -130,3 +130,26 @@ def check_token_ids(
         bad = lo if lo < 0 else hi
         raise InputError(f"{name} must be in [0, {vocab_size}) (vocab_size), found {bad}")
     return arr.astype(np.int64, copy=False)
+
+
+def check_generator_state(state: Any, what: str, *, error: type[Exception] = InputError) -> None:
+    """A NumPy PCG64 ``bit_generator.state`` dict (``Generator.bit_generator.state``), every
+    field in range; else ``error`` naming ``what``."""
+    ok = (
+        isinstance(state, dict)
+        and set(state) == {"bit_generator", "state", "has_uint32", "uinteger"}
+        and state["bit_generator"] == "PCG64"
+        and isinstance(state["state"], dict)
+        and set(state["state"]) == {"state", "inc"}
+        and all(is_int(x) and 0 <= x < 2**128 for x in state["state"].values())
+        and state["state"]["inc"] % 2 == 1
+        and state["has_uint32"] in (0, 1)
+        and is_int(state["has_uint32"])
+        and is_int(state["uinteger"])
+        and 0 <= state["uinteger"] < 2**32
+    )
+    if not ok:
+        raise error(
+            f"{what} is malformed: not a PCG64 generator state (bit_generator 'PCG64', state/inc "
+            f"< 2**128 with inc odd, has_uint32 0/1, uinteger < 2**32): {str(state)[:120]}"
+        )

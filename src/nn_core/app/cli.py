@@ -71,7 +71,6 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError, InputError, NNCoreError, OutputError
 from ..model.config import Config
-from ..runtime import tune_malloc
 
 PROG = "nn-core"
 
@@ -216,7 +215,7 @@ def _split_fields(
     data: dict[str, Any], where: str, model: dict[str, Any], train: dict[str, Any] | None
 ) -> None:
     """Route each key of ``data`` to the model or train fields by name (in place)."""
-    from ..training.train import TrainConfig
+    from ..training.config import TrainConfig
 
     model_names = {f.name for f in dataclasses.fields(Config)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -506,7 +505,8 @@ def _newest_run(root: Path = RUNS_ROOT) -> Path:
 
 def _load_data(source: str | None, val_fraction: float) -> tuple[str, str, Any]:
     """(text, description, TokenDataset) of --data FILE or the default corpus."""
-    from ..data.text import TokenDataset, default_corpus, describe_default_corpus, load_text
+    from ..data.corpus import default_corpus, describe_default_corpus, load_text
+    from ..data.dataset import TokenDataset
 
     if source is None:
         text, desc = default_corpus(), "default corpus: " + describe_default_corpus()
@@ -539,8 +539,8 @@ class _Run:
     lock: Any  # nn_core.storage.ownership.RunLock, held until the command ends
     config_name: str
     trainer: Any  # nn_core.training.train.Trainer (model, TrainConfig, AdamW, data source)
-    sampler: Any  # nn_core.data.text.BatchSampler over the train split
-    data: Any  # nn_core.data.text.TokenDataset
+    sampler: Any  # nn_core.data.BatchSampler over the train split
+    data: Any  # nn_core.data.TokenDataset
     data_desc: str
 
     @property
@@ -552,9 +552,11 @@ class _Run:
 
 
 def _new_run(args: argparse.Namespace) -> _Run:
-    from ..data.text import BatchSampler, ByteTokenizer, eval_batches
+    from ..data.dataset import BatchSampler, eval_batches
+    from ..data.tokenizer import ByteTokenizer
     from ..model.transformer import MoETransformer
-    from ..training.train import TrainConfig, Trainer
+    from ..training.config import TrainConfig
+    from ..training.trainer import Trainer
 
     tokenizer = ByteTokenizer()
     fields = dict(TRAIN_DEFAULTS)
@@ -617,7 +619,7 @@ def _write_run_json(
     ds: Any,
     val_fraction: float,
 ) -> None:
-    from ..data.text import ByteTokenizer
+    from ..data.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
     _write_json(
@@ -667,8 +669,8 @@ def _resumed_run(args: argparse.Namespace) -> _Run:
 
 
 def _resume_locked(args: argparse.Namespace, out: Path, lock: Any) -> _Run:
-    from ..data.text import BatchSampler
-    from ..training.train import Trainer
+    from ..data.dataset import BatchSampler
+    from ..training.trainer import Trainer
 
     run_file = out / "run.json"
     try:
@@ -727,7 +729,6 @@ def _resume_locked(args: argparse.Namespace, out: Path, lock: Any) -> _Run:
 def _run_train(args: argparse.Namespace) -> int:
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
-    tune_malloc()
     run = _resumed_run(args) if args.resume else _new_run(args)
     try:  # the run directory stays locked until the command ends (crash: the OS frees it)
         return _train(args, run)
@@ -738,7 +739,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, run: _Run) -> int:
     import numpy as np
 
-    from ..data.text import ByteTokenizer, eval_batches, unigram_entropy
+    from ..data.dataset import eval_batches, unigram_entropy
+    from ..data.tokenizer import ByteTokenizer
 
     trainer, ds, out = run.trainer, run.data, run.out
     model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
@@ -948,7 +950,7 @@ def _check_utf8(value: str, option: str, advice: str) -> None:
 
 def _find_tokenizer(checkpoint: Path) -> Any:
     """tokenizer.json in the checkpoint directory or its run directory; else byte level."""
-    from ..data.text import ByteTokenizer
+    from ..data.tokenizer import ByteTokenizer
 
     for where in (checkpoint, checkpoint.parent):
         if (where / "tokenizer.json").is_file():
@@ -960,7 +962,7 @@ def _find_tokenizer(checkpoint: Path) -> Any:
 def _run_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..data.text import load_text
+    from ..data.corpus import load_text
     from ..inference.generate import generate_batch, stream
     from ..inference.sampling import make_strategy
     from ..storage.checkpoint import load_model, resolve_checkpoint
@@ -1197,7 +1199,7 @@ def runtime_info() -> dict[str, Any]:
     import numpy as np
     from threadpoolctl import threadpool_info
 
-    from .. import __version__
+    from ..version import __version__
 
     def version(dist: str) -> str | None:
         try:
@@ -1317,7 +1319,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = _Parser(
         prog=PROG,

@@ -44,7 +44,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..data.text import ByteTokenizer, eval_batches, load_text
+from ..checks import check_int
+from ..data.corpus import load_text
+from ..data.dataset import eval_batches
+from ..data.tokenizer import ByteTokenizer
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inference.sampling import SamplingStrategy, make_strategy
 from ..model.config import Config
@@ -169,17 +172,6 @@ def _generate_unit(
 # ---- in the caller: checks, units, executor --------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{name} must be an int {allowed}, got {value!r}")
-    return int(value)
-
-
 def _prepare_checkpoint(checkpoint: PathLike, tokenizer: ByteTokenizer) -> tuple[str, Config]:
     """Resolve the checkpoint once (absolute path of the step directory) and read its
     config without loading the weights; the byte tokenizer's ids must fit its vocab."""
@@ -244,13 +236,13 @@ def evaluate_file(
     concurrent.futures.Executor (default: a local process pool of ``workers``).
     """
     _check_executor(executor)
-    workers = _check_int(workers, "workers", 1)
+    workers = check_int(workers, "workers", 1)
     tokenizer = ByteTokenizer()
     ckpt, config = _prepare_checkpoint(checkpoint, tokenizer)
-    seq_len = _check_int(seq_len, "seq_len", 1, config.max_seq_len)
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    seq_len = check_int(seq_len, "seq_len", 1, config.max_seq_len)
+    batch_size = check_int(batch_size, "batch_size", 1)
     if max_batches is not None:
-        max_batches = _check_int(max_batches, "max_batches", 1)
+        max_batches = check_int(max_batches, "max_batches", 1)
     ids = tokenizer.encode(load_text(data_file))  # [T]
     if ids.size < seq_len + 1:
         raise InputError(
@@ -298,7 +290,7 @@ def generate_many(
     continuation with ``include_prompt=False``.
     """
     _check_executor(executor)
-    workers = _check_int(workers, "workers", 1)
+    workers = check_int(workers, "workers", 1)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise InputError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     for i, p in enumerate(prompts):
@@ -308,11 +300,11 @@ def generate_many(
         strategy = make_strategy(strategy, temperature=temperature, top_k=top_k, top_p=top_p)
     elif not isinstance(strategy, SamplingStrategy):
         raise ConfigError(f"strategy must be a SamplingStrategy or a name, got {strategy!r}")
-    seed = _check_int(seed, "seed", 0)
-    per_unit = _check_int(prompts_per_unit, "prompts_per_unit", 1)
+    seed = check_int(seed, "seed", 0)
+    per_unit = check_int(prompts_per_unit, "prompts_per_unit", 1)
     tokenizer = ByteTokenizer()
     ckpt, config = _prepare_checkpoint(checkpoint, tokenizer)
-    max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 0, config.max_seq_len - 1)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 0, config.max_seq_len - 1)
     encoded = [tokenizer.encode(p).tolist() for p in prompts]
     for i, ids in enumerate(encoded):
         if len(ids) + max_new_tokens > config.max_seq_len:

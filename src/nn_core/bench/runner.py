@@ -424,9 +424,6 @@ def run_benchmark(
 def _run_benchmark(
     scenarios: list[Scenario], opts: RunOptions, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    from ..runtime import tune_malloc
-
-    malloc_tuned = tune_malloc()  # before the pool forks, so the workers inherit it
     n_workers, tasks = pool_tasks(scenarios)
     pool = None
     pool_error = None
@@ -496,11 +493,7 @@ def _run_benchmark(
                 else "all scenarios in this process, in suite order"
             ),
             "peak_rss_scope": scope,
-            "malloc": (
-                "glibc mallopt: mmap threshold 64 MiB, trim threshold 256 MiB (nn_core.runtime)"
-                if malloc_tuned
-                else "allocator defaults"
-            ),
+            "malloc": "allocator defaults (the library reuses its buffers; nothing is tuned)",
         }
         if pool is not None:
             extra["process_pool"] = {"workers": pool.size, "start_method": pool.start_method}
@@ -698,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.floor_rates) as f:
                 rates = FloorRates.from_json(json.load(f))
         if train_options:
-            from ..training.train import TrainConfig
+            from ..training.config import TrainConfig
 
             TrainConfig(**train_options)  # validate up front: unknown field / bad value
     except (ValueError, TypeError, OSError) as exc:

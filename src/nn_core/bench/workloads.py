@@ -36,7 +36,8 @@ def make_model(cfg: Config) -> Any:
 def make_trainer(model: Any, batch: int, seq: int) -> Any:
     """Trainer(model, TrainConfig(batch_size=B, seq_len=S, **TRAIN_OPTIONS)); SPEC defaults
     otherwise."""
-    from ..training.train import TrainConfig, Trainer
+    from ..training.config import TrainConfig
+    from ..training.trainer import Trainer
 
     return Trainer(model, TrainConfig(batch_size=batch, seq_len=seq, **TRAIN_OPTIONS))
 

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..checks import check_token_ids, is_int
 from ..errors import ConfigError, InputError
 from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP
 
@@ -72,14 +73,8 @@ def _check_model(model: Any) -> None:
             raise InputError(f"model must be an nn_core.MoETransformer (no .{attr})")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_prompt_ids(arr: np.ndarray, vocab_size: int, max_seq_len: int, name: str) -> IntArray:
     """Validate a 1-D or 2-D integer array of prompt ids (already np.asarray)."""
-    if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
-        raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
     length = arr.shape[-1] if arr.ndim else 0
     if length == 0:
         raise InputError(
@@ -91,12 +86,7 @@ def _check_prompt_ids(arr: np.ndarray, vocab_size: int, max_seq_len: int, name: 
             f"{name} has {length} tokens > max_seq_len {max_seq_len}; pass at most "
             f"max_seq_len - 1 tokens (e.g. its last ones) to leave room for new tokens"
         )
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise InputError(
-            f"{name} ids must be in [0, {vocab_size}) (vocab_size), found {lo if lo < 0 else hi}"
-        )
-    return arr.astype(np.int64)
+    return check_token_ids(arr, vocab_size, ndim=arr.ndim, name=f"{name} ids")
 
 
 def _as_prompt(prompt: ArrayLike, vocab_size: int, max_seq_len: int) -> IntArray:
@@ -110,7 +100,7 @@ def _as_prompt(prompt: ArrayLike, vocab_size: int, max_seq_len: int) -> IntArray
 
 
 def _check_max_len(max_len: Any, prompt_len: int, max_seq_len: int) -> int:
-    if not _is_int(max_len) or not prompt_len <= max_len <= max_seq_len:
+    if not is_int(max_len) or not prompt_len <= max_len <= max_seq_len:
         raise ConfigError(
             f"max_len must be an int in [len(prompt) = {prompt_len}, max_seq_len = "
             f"{max_seq_len}], got {max_len!r}"
@@ -130,7 +120,7 @@ def _check_strategy(strategy: Any) -> SamplingStrategy:
 def _check_vocab_limit(vocab_limit: Any, vocab_size: int) -> int:
     if vocab_limit is None:
         return vocab_size
-    if not _is_int(vocab_limit) or not 1 <= vocab_limit <= vocab_size:
+    if not is_int(vocab_limit) or not 1 <= vocab_limit <= vocab_size:
         raise ConfigError(
             f"vocab_limit must be None or an int in [1, vocab_size = {vocab_size}], "
             f"got {vocab_limit!r}"
@@ -144,7 +134,7 @@ Rngs = np.random.Generator | list[np.random.Generator]  # shared, or one per row
 def _make_rngs(seed: Any, rng: RngArg, rows: int) -> Rngs:
     """One generator for all rows, or a list with one generator per row."""
     if rng is None:
-        if not _is_int(seed) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
         return np.random.default_rng(int(seed))
     if isinstance(rng, np.random.Generator):
@@ -207,7 +197,7 @@ def decode(
         raise InputError("prompts must hold at least one prompt")
     ids = _check_prompt_ids(arr, cfg.vocab_size, cfg.max_seq_len, "prompt")  # [B, P]
     batch, prompt_len = ids.shape
-    if not _is_int(n_new) or not 0 <= n_new <= cfg.max_seq_len - prompt_len:
+    if not is_int(n_new) or not 0 <= n_new <= cfg.max_seq_len - prompt_len:
         raise ConfigError(
             f"n_new must be an int in [0, max_seq_len - len(prompt) = "
             f"{cfg.max_seq_len - prompt_len}], got {n_new!r}"
@@ -452,7 +442,7 @@ def stream(
     _check_model(model)
     cfg = model.config
     ids = _as_prompt(prompt, cfg.vocab_size, cfg.max_seq_len)
-    if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= cfg.max_seq_len - ids.size:
+    if not is_int(max_new_tokens) or not 0 <= max_new_tokens <= cfg.max_seq_len - ids.size:
         raise ConfigError(
             f"max_new_tokens must be an int in [0, max_seq_len - len(prompt) = "
             f"{cfg.max_seq_len - ids.size}], got {max_new_tokens!r}"

@@ -9,12 +9,15 @@ Shape legend used across the package:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..checks import check_int, check_number
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 _C = TypeVar("_C", bound="DictConfig")
 
@@ -176,3 +179,105 @@ class Config(DictConfig):
         """Parameters one token touches: as total, with top_k experts per layer."""
         h, v = self.hidden_dim, self.vocab_size
         return 2 * v * h + h + self.n_layers * self._layer_params(self.top_k_experts)
+
+
+# ---- resolving a config: preset, file, KEY=VALUE overrides ----------------------------
+
+
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """KEY=VALUE, the one override syntax (``--set`` everywhere): VALUE is JSON (1, 1e-3,
+    true, "x"), else a float (inf), else the raw string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+    text = text.strip()
+    try:
+        return key.strip(), json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return key.strip(), float(text)
+    except ValueError:
+        return key.strip(), text
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The fields of a .toml or .json config file (a table/object of fields)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ConfigError(
+            f"config must be a preset ({', '.join(Config.PRESETS)}) or a .toml/.json file, "
+            f"got {str(path)!r}"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # unreadable like a data file: a runtime error
+        raise InputError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        if suffix == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ConfigError(f"{path}: TOML needs Python >= 3.11; use a .json file") from None
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of fields")
+    return data
+
+
+def collect_fields(
+    config: str | None, sets: Sequence[str] = (), other: Collection[str] = ()
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(name, model fields, other fields) from a preset or a config file, then KEY=VALUE
+    overrides; precedence preset < file < ``sets``.
+
+    A config file holds model fields and, optionally, fields named in ``other`` (e.g.
+    TrainConfig's): at the top level (routed by name) or under [model] / [train], and an
+    optional ``preset`` to start from (default tiny). Any other key is a ConfigError
+    naming it and the known fields.
+    """
+    model_names = {f.name for f in dataclasses.fields(Config)}
+    other_names = set(other)
+    model: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+
+    def route(data: dict[str, Any], where: str, allow_other: bool = True) -> None:
+        for key, value in data.items():
+            if key in model_names:
+                model[key] = value
+            elif key in other_names and allow_other:
+                extra[key] = value
+            else:
+                known = sorted(model_names) + sorted(other_names)
+                raise ConfigError(f"unknown config field {key!r} in {where}; known: {known}")
+
+    name = config or "tiny"
+    if config is None or config in Config.PRESETS:
+        model.update(Config.preset(name).to_dict())
+    else:
+        path = Path(config)
+        name = path.stem
+        data = read_config_file(path)
+        model.update(Config.preset(str(data.pop("preset", "tiny"))).to_dict())
+        for section in ("model", "train"):
+            part = data.pop(section, {})
+            if not isinstance(part, dict):
+                raise ConfigError(f"[{section}] in {path} must be a table of fields")
+            if section == "train" and part and not other_names:
+                raise ConfigError(f"{path}: [train] fields are not used here")
+            route(part, f"{path} [{section}]", allow_other=section == "train")
+        route(data, str(path))
+    for item in sets:
+        route(dict([parse_assignment(item)]), "--set")
+    return name, model, extra
+
+
+def resolve_config(config: str | None = None, sets: Sequence[str] = ()) -> tuple[Config, str]:
+    """(Config, its name) from a preset name or a .toml/.json file, with KEY=VALUE overrides."""
+    name, model, _ = collect_fields(config, sets)
+    return Config.from_dict(model), name

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..checks import check_generator_state, is_int
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..model.config import Config
 
@@ -196,10 +197,6 @@ def _to_json(obj: Any) -> Any:
 _NDARRAY_KEYS = {"__ndarray__", "dtype", "shape"}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _from_json(obj: Any, where: Path) -> Any:
     """JSON values -> Python values, tagged arrays decoded; a bad tag is a CheckpointError."""
     if isinstance(obj, dict):
@@ -219,7 +216,7 @@ def _decode_array(obj: dict[str, Any], where: Path) -> np.ndarray:
         dt = None
     if dt is None or dt.kind not in "biuf":
         raise CheckpointError(f"{where}: an array has dtype {dtype!r} (bool, int or float needed)")
-    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+    if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
         raise CheckpointError(f"{where}: an array has shape {shape!r} (a list of ints >= 0)")
     try:
         return np.array(obj["__ndarray__"], dtype=dt).reshape(shape)
@@ -585,7 +582,7 @@ def _check_files(files: Any, kind: str, where: Path) -> None:
             or set(meta) != {"sha256", "bytes"}
             or not isinstance(meta["sha256"], str)
             or not _SHA256_RE.match(meta["sha256"])
-            or not _is_int(meta["bytes"])
+            or not is_int(meta["bytes"])
             or meta["bytes"] < 0
         ):
             raise CheckpointError(
@@ -620,7 +617,7 @@ def read_state(path: PathLike) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{p} must hold a JSON object, got {type(state).__name__}")
     version = state.get("format_version")
-    if not _is_int(version) or version not in READABLE_VERSIONS:
+    if not is_int(version) or version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{p}: checkpoint format version {version!r}, this nn-core reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
@@ -665,50 +662,25 @@ def read_state(path: PathLike) -> dict[str, Any]:
     return decoded
 
 
-def check_generator_state(state: Any, what: str) -> None:
-    """A NumPy PCG64 ``bit_generator.state`` dict, every field in range; else CheckpointError."""
-    ok = (
-        isinstance(state, dict)
-        and set(state) == {"bit_generator", "state", "has_uint32", "uinteger"}
-        and state["bit_generator"] == "PCG64"
-        and isinstance(state["state"], dict)
-        and set(state["state"]) == {"state", "inc"}
-        and all(_is_int(x) and 0 <= x < 2**128 for x in state["state"].values())
-        and state["state"]["inc"] % 2 == 1
-        and state["has_uint32"] in (0, 1)
-        and _is_int(state["has_uint32"])
-        and _is_int(state["uinteger"])
-        and 0 <= state["uinteger"] < 2**32
-    )
-    if not ok:
-        raise CheckpointError(
-            f"{what} is malformed: not a PCG64 generator state (bit_generator 'PCG64', state/inc "
-            f"< 2**128 with inc odd, has_uint32 0/1, uinteger < 2**32): {str(state)[:120]}"
-        )
-
-
 def check_training_state(state: dict[str, Any], where: Path) -> None:
-    """Range-check the training fields of a state.json: train_config valid, step an int
+    """Range-check the training fields of a state.json: train_config an object (its
+    fields are checked by ``Trainer.resume``, which builds the TrainConfig), step an int
     >= 0 equal to the optimizer's t, the generator state well-formed, data_state an
     object or null (its content is checked by the data source that loads it)."""
-    from ..training.train import TrainConfig
-
-    try:
-        TrainConfig.from_dict(state["train_config"])
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: invalid train_config: {exc}") from None
+    if not isinstance(state["train_config"], dict):
+        raise CheckpointError(f"{where}: train_config must be an object")
     step = state["step"]
-    if not _is_int(step) or step < 0:
+    if not is_int(step) or step < 0:
         raise CheckpointError(f"{where}: step must be an int >= 0, got {step!r}")
     opt = state["optimizer"]
     if not isinstance(opt, dict) or set(opt) != {"type", "t"} or opt["type"] != "AdamW":
         raise CheckpointError(f"{where}: optimizer must be {{'type': 'AdamW', 't': int}}")
-    if not _is_int(opt["t"]) or opt["t"] != step:
+    if not is_int(opt["t"]) or opt["t"] != step:
         raise CheckpointError(
             f"{where}: optimizer t ({opt['t']!r}) must equal step ({step}): one AdamW update "
             "per step"
         )
-    check_generator_state(state["rng_state"], f"{where}: rng_state")
+    check_generator_state(state["rng_state"], f"{where}: rng_state", error=CheckpointError)
     if state["data_state"] is not None and not isinstance(state["data_state"], dict):
         raise CheckpointError(f"{where}: data_state must be an object or null")
 

@@ -73,7 +73,7 @@ __all__ = [
 
 def weights_metadata(model: MoETransformer) -> dict[str, str]:
     """The safetensors header metadata of an exported file (strings only)."""
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "format": WEIGHTS_FORMAT,

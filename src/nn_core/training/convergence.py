@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..model.config import Config
-from .train import TrainConfig, Trainer
+from .config import TrainConfig
+from .trainer import Trainer
 
 TARGET_LOSS = 0.05  # the check passes when the last loss is below this
 
