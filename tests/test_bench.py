@@ -14,7 +14,8 @@ import pytest
 from timeouts import SUBPROCESS_TIMEOUT
 
 from nn_core import Config
-from nn_core.bench import SCENARIO_IDS, SCENARIOS, main, select
+from nn_core.app.cli import main as cli_main
+from nn_core.bench import SCENARIO_IDS, SCENARIOS, select
 from nn_core.bench import floor as fl
 from nn_core.bench.harness import (
     GcTracker,
@@ -242,19 +243,26 @@ def test_summary_of_one_file_and_scenarios_as_mapping() -> None:
     assert table.splitlines()[2:] == ["| x | - | 1.50 us |", "| y | - | 2 ns |"]
 
 
+def main(argv: list[str]) -> int:
+    """``nn-core bench ARGV`` in this process."""
+    return cli_main(["bench", *argv])
+
+
 def test_summary_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--summary", A, B]) == 0
     out = capsys.readouterr().out
     assert "| dispatch_warm | type_system | 600.00 us | 1.20 ms | 2.00x |" in out
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert main(["--summary", A, str(bad)]) == 1
-    assert "not JSON" in capsys.readouterr().err
+    assert main(["--summary", A, str(bad)]) == 1  # like unreadable data: one line
+    err = capsys.readouterr().err
+    assert "not JSON" in err and err.startswith("nn-core: error: ") and err.count("\n") == 1
 
 
 def test_unknown_scenario_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--scenario", "no_such_*"]) == 2
-    assert "matches no scenario" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "matches no scenario" in err and err.startswith("nn-core: error: ")
 
 
 # ---------------------------------------------------------------------------- a real small run
@@ -290,7 +298,7 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
         "kernel_softmax", "kernel_matmul", "dispatch_warm", "dispatch_cold", "mem_train_step",
         "parallel_T2", "parallel_train_T1", "decode_kv_256",
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "nn_core.bench", "--trials", "2", "--warmup", "1"]
+    cmd = [sys.executable, "-m", "nn_core", "bench", "--trials", "2", "--warmup", "1"]
     cmd += ["--gemm-size", "128", "--bandwidth-mib", "4"]
     for i in ids:
         cmd += ["--scenario", i]
@@ -372,15 +380,15 @@ def test_process_pool_reports_tasks_it_could_not_build() -> None:
 
 
 def test_train_options_parse_and_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    from nn_core.bench.runner import parse_train_options
+    from nn_core.bench.runner import train_options
 
-    assert parse_train_options(["kernels=numba", "grad_clip=0.5"]) == {
+    assert train_options(["kernels=numba", "grad_clip=0.5"]) == {
         "kernels": "numba",
         "grad_clip": 0.5,
     }
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_train_options(["kernels"])
-    assert main(["--scenario", "mem_train_step", "--train-option", "no_such=1"]) == 2
+    with pytest.raises(ValueError, match="key=value"):
+        train_options(["kernels"])
+    assert main(["--scenario", "mem_train_step", "--set", "no_such=1"]) == 2
     assert "no_such" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""The suite's convergence check (SPEC.md section 3) and its CLI."""
+"""The suite's convergence check and its command, ``nn-core convergence``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 from timeouts import SUBPROCESS_TIMEOUT
 
-from nn_core.training.convergence import convergence_batch, main, run_convergence
+from nn_core.app.cli import main as cli_main
+from nn_core.training.convergence import convergence_batch, run_convergence
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["convergence", *argv])
 
 
 def test_convergence_batch_is_the_spec_batch() -> None:
@@ -34,7 +39,7 @@ def test_full_convergence_check_writes_json_and_plot(tmp_path: Path) -> None:
     """The real check: 1000 steps, the loss ends below 0.05 (about 8 s)."""
     assert main(["--out", str(tmp_path), "--quiet"]) == 0
     doc = json.loads((tmp_path / "convergence.json").read_text())
-    assert set(doc) == {"language", "steps", "losses"}
+    assert set(doc) == {"language", "library", "steps", "losses"}
     assert doc["language"] == "python" and doc["steps"] == 1000 and len(doc["losses"]) == 1000
     losses = np.array(doc["losses"])
     assert 6.0 < losses[0] < 10.0  # about ln(1000) = 6.9 plus the random init's excess
@@ -48,7 +53,8 @@ def test_cli_module_entry_and_exit_status(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "nn_core.training.convergence",
+            "nn_core",
+            "convergence",
             "--out",
             str(tmp_path),
             "--steps",
@@ -59,6 +65,6 @@ def test_cli_module_entry_and_exit_status(tmp_path: Path) -> None:
         timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 1, done.stderr  # 2 steps cannot reach 0.05
-    assert "NOT below 0.05" in done.stderr
+    assert "NOT below 0.05" in done.stdout
     assert json.loads((tmp_path / "convergence.json").read_text())["steps"] == 2
     assert (tmp_path / "convergence.png").exists()

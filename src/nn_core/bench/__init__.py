@@ -1,7 +1,7 @@
 """nn-core's benchmark: the suite's 22 scenarios (SPEC.md section 6) as JSON.
 
-    python -m nn_core.bench [--scenario GLOB ...] [--trials N] [--warmup N] [--out FILE]
-    python -m nn_core.bench --summary A.json [B.json ...]
+    nn-core bench [--scenario GLOB ...] [--trials N] [--warmup N] [--out FILE]
+    nn-core bench --summary A.json [B.json ...]
 
 Modules: scenarios (the 22 definitions + EXTRAS), workloads (scenario -> timed
 operation), harness (timing, CPU, GC, RSS, tracemalloc, numerics), pool (the
@@ -12,7 +12,7 @@ metadata, summary, runner (the run and the CLI).
 from __future__ import annotations
 
 from . import extras as _extras  # noqa: F401  (registers the extra scenarios)
-from .runner import main, run_benchmark
+from .runner import run_benchmark
 from .scenarios import EXTRAS, SCENARIO_IDS, SCENARIOS, Scenario, register_extra, select
 from .summary import summarize
 
@@ -21,7 +21,6 @@ __all__ = [
     "SCENARIOS",
     "SCENARIO_IDS",
     "Scenario",
-    "main",
     "register_extra",
     "run_benchmark",
     "select",

@@ -11,8 +11,8 @@ import numpy as np
 
 from ..model.config import Config
 from .harness import Workload
+from .ops import make_model
 from .scenarios import Scenario, make_inputs, register_extra
-from .workloads import make_model
 
 
 class GreedyDecodeWorkload(Workload):

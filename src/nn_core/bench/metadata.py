@@ -111,3 +111,32 @@ def collect(
     }
     meta.update(extra or {})
     return meta
+
+
+def runtime_info() -> dict[str, Any]:
+    """Versions, CPU count and the BLAS libraries with their thread counts (threadpoolctl):
+    what ``nn-core info`` prints and the benchmark records."""
+    from ..version import __version__
+
+    blas = [
+        {
+            "api": lib.get("internal_api"),
+            "prefix": lib.get("prefix"),
+            "version": lib.get("version"),
+            "threading_layer": lib.get("threading_layer"),
+            "architecture": lib.get("architecture"),
+            "num_threads": lib.get("num_threads"),
+            "filepath": lib.get("filepath"),
+        }
+        for lib in threadpool_info()
+        if lib.get("user_api") == "blas"
+    ]
+    return {
+        "nn_core": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": _version("numba"),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "blas": blas,
+    }

@@ -137,14 +137,14 @@ def _unwrap(reply: Any) -> Any:
 # ---------------------------------------------------------------------------- worker side
 
 
-def _build_task(task: PoolTask) -> Any:
+def _build_task(task: PoolTask, train_options: dict[str, Any]) -> Any:
     """A zero-argument callable running the task once (built untimed)."""
     from ..model.config import Config
-    from .workloads import model_op  # the model modules load in the worker
+    from .ops import model_op  # the model modules load in the worker
 
     if task.kind not in ("forward", "train"):
         raise ValueError(f"pool task kind must be 'forward' or 'train', got {task.kind!r}")
-    return model_op(task.kind, Config.preset(task.config), task.batch, task.seq)
+    return model_op(task.kind, Config.preset(task.config), task.batch, task.seq, train_options)
 
 
 def _limit_threads() -> None:
@@ -162,17 +162,13 @@ def _limit_threads() -> None:
 
 
 def _worker_main(conn: Connection, tasks: list[PoolTask], train_options: dict[str, Any]) -> None:
-    from . import workloads
-
     sys.stdout = sys.stderr  # stdout belongs to the parent's JSON
     _limit_threads()
-    workloads.TRAIN_OPTIONS.clear()
-    workloads.TRAIN_OPTIONS.update(train_options)
     fns: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for task in tasks:
         try:
-            fns[task.key] = _build_task(task)
+            fns[task.key] = _build_task(task, train_options)
             fns[task.key]()  # priming: any lazy loading happens here, untimed
         except Exception as exc:  # reported to the parent, which fails that scenario
             errors[task.key] = f"{type(exc).__name__}: {exc}"

@@ -1,15 +1,10 @@
 """The benchmark run: floor measurement, every selected scenario, the JSON document, the CLI.
 
-    python -m nn_core.bench [--scenario GLOB ...] [--trials 10] [--warmup 3] [--out FILE]
-    python -m nn_core.bench --summary A.json [B.json ...]
-
-JSON goes to stdout (or --out); progress goes to stderr.
+The command line is ``nn-core bench`` (``nn_core.app.commands.bench``).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import gc
 import json
 import os
@@ -19,13 +14,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from . import floor as fl
 from . import metadata as md
-from . import workloads
 from .harness import (
     Measurement,
     Workload,
@@ -37,15 +31,14 @@ from .harness import (
     reset_peak_rss,
     timing_stats,
 )
+from .ops import config_of, model_op
 from .pool import PoolTask, ProcessPool
-from .scenarios import SEED, Scenario, select, tokens_of
+from .scenarios import SEED, Scenario, tokens_of
 from .summary import fmt_ns
 from .workloads import (
     ProcessParallelWorkload,
     ThreadParallelWorkload,
     build,
-    config_of,
-    model_op,
     threads_unsafe_reason,
 )
 
@@ -245,11 +238,14 @@ def run_scenario(
     rates: FloorRates | None,
     log: Callable[[str], None],
     auto_blas: bool = True,
+    train_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure one scenario and return its JSON record.
 
     With ``auto_blas`` a single-model scenario runs with ``auto_blas_threads`` BLAS threads.
+    ``train_options``: TrainConfig fields of every trainer (default DEFAULT_TRAIN_OPTIONS).
     """
+    options = dict(DEFAULT_TRAIN_OPTIONS if train_options is None else train_options)
     params: dict[str, Any] = {k: v for k, v in sc.params.items() if k != "known_flops"}
     params.setdefault("seed", SEED)
     if sc.kind != "kernel":
@@ -270,7 +266,7 @@ def run_scenario(
         if reason is None:
             try:
                 variants["threads"] = _run_variant(
-                    lambda: ThreadParallelWorkload(sc), trials, warmup
+                    lambda: ThreadParallelWorkload(sc, options), trials, warmup
                 )
             except Exception as exc:
                 skipped["threads"] = f"{type(exc).__name__}: {exc}"
@@ -294,7 +290,7 @@ def run_scenario(
     else:
         threads = auto_blas_threads(sc) if auto_blas else None
         with threadpool_limits(limits=threads, user_api="blas"):  # None: leaves them as they are
-            best = _run_variant(lambda: build(sc), trials, warmup)
+            best = _run_variant(lambda: build(sc, options), trials, warmup)
     params.update({k: v for k, v in best.info.items() if k not in params})
     # BLAS threads the measured work ran with (per worker for the process pool)
     params["blas_threads"] = best.info.get("blas_threads_per_worker", best.blas_threads)
@@ -371,7 +367,7 @@ def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
     return n, list(tasks.values())
 
 
-def prime(scenarios: list[Scenario]) -> int:
+def prime(scenarios: list[Scenario], train_options: dict[str, Any]) -> int:
     """One untimed tiny forward (and train step, if selected) so lazy imports and any
     cached JIT loading happen before the first timed region. Returns the ns it took."""
     from ..model.config import Config
@@ -379,9 +375,9 @@ def prime(scenarios: list[Scenario]) -> int:
     t0 = time.perf_counter_ns()
     kinds = {sc.kind for sc in scenarios}
     if kinds & {"forward", "cold", "parallel_forward", "custom"}:
-        model_op("forward", Config.tiny(), 1, 8)()
+        model_op("forward", Config.tiny(), 1, 8, train_options)()
     if kinds & {"train", "parallel_train"}:
-        model_op("train", Config.tiny(), 1, 8)()
+        model_op("train", Config.tiny(), 1, 8, train_options)()
     return time.perf_counter_ns() - t0
 
 
@@ -410,15 +406,7 @@ def run_benchmark(
     log: Callable[[str], None] = lambda s: None,
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Run ``scenarios``; returns the JSON document and the list of failures."""
-    opts = options or RunOptions()
-    saved = dict(workloads.TRAIN_OPTIONS)
-    workloads.TRAIN_OPTIONS.clear()
-    workloads.TRAIN_OPTIONS.update(opts.train_options)
-    try:
-        return _run_benchmark(scenarios, opts, log)
-    finally:
-        workloads.TRAIN_OPTIONS.clear()
-        workloads.TRAIN_OPTIONS.update(saved)
+    return _run_benchmark(scenarios, options or RunOptions(), log)
 
 
 def _run_benchmark(
@@ -430,7 +418,7 @@ def _run_benchmark(
     if n_workers and not opts.isolate:  # created first: no BLAS/Numba/Python threads yet
         log(f"starting a process pool of {n_workers} workers ({len(tasks)} tasks)")
         try:
-            pool = ProcessPool(n_workers, tasks, train_options=workloads.TRAIN_OPTIONS)
+            pool = ProcessPool(n_workers, tasks, train_options=opts.train_options)
         except Exception as exc:
             pool_error = f"{type(exc).__name__}: {exc}"
             log(f"process pool unavailable: {pool_error}")
@@ -440,7 +428,7 @@ def _run_benchmark(
         prime_ns = None
         if not opts.isolate:
             try:
-                prime_ns = prime(scenarios)
+                prime_ns = prime(scenarios, opts.train_options)
             except Exception as exc:
                 log(f"priming failed ({type(exc).__name__}: {exc}); scenarios will report it")
         rates = opts.floor_rates
@@ -462,7 +450,14 @@ def _run_benchmark(
                     rec = run_isolated(sc, opts, rates)
                 else:
                     rec = run_scenario(
-                        sc, opts.trials, opts.warmup, pool, rates, log, auto_blas=not blas
+                        sc,
+                        opts.trials,
+                        opts.warmup,
+                        pool,
+                        rates,
+                        log,
+                        auto_blas=not blas,
+                        train_options=opts.train_options,
                     )
             except Exception as exc:
                 msg = f"{type(exc).__name__}: {exc}"
@@ -486,9 +481,9 @@ def _run_benchmark(
         extra: dict[str, Any] = {
             "prime_ns": prime_ns,
             "settle_s": SETTLE_S,
-            "train_config_overrides": dict(workloads.TRAIN_OPTIONS),
+            "train_config_overrides": dict(opts.train_options),
             "isolation": (
-                "each scenario in a fresh interpreter (python -m nn_core.bench --scenario ID)"
+                "each scenario in a fresh interpreter (python -m nn_core bench --scenario ID)"
                 if opts.isolate
                 else "all scenarios in this process, in suite order"
             ),
@@ -526,17 +521,17 @@ def _run_benchmark(
 
 
 def run_isolated(sc: Scenario, opts: RunOptions, rates: FloorRates | None) -> dict[str, Any]:
-    """Run one scenario in a fresh ``python -m nn_core.bench`` and return its record.
+    """Run one scenario in a fresh ``python -m nn_core bench`` and return its record.
 
     The child reuses this run's floor rates (passed as a JSON file), primes itself and,
     for the parallel axis, starts its own process pool. Its progress goes to stderr.
     """
-    cmd = [sys.executable, "-m", "nn_core.bench", "--scenario", sc.id]
+    cmd = [sys.executable, "-m", "nn_core", "bench", "--scenario", sc.id]
     cmd += ["--trials", str(opts.trials), "--warmup", str(opts.warmup)]
     if opts.blas_threads:
         cmd += ["--blas-threads", str(opts.blas_threads)]
     for key, value in opts.train_options.items():
-        cmd += ["--train-option", f"{key}={json.dumps(value)}"]
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
     with tempfile.TemporaryDirectory(prefix="nn_core_bench_") as tmp:
         if rates is None:
             cmd.append("--no-floor")
@@ -578,162 +573,13 @@ def progress_line(rec: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m nn_core.bench",
-        description="nn-core benchmark: the suite's 22 scenarios (SPEC.md section 6) as JSON.",
-    )
-    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="timed trials (10)")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="warm-up runs (3)")
-    p.add_argument(
-        "--scenario",
-        action="append",
-        metavar="GLOB",
-        help="run the scenarios whose id matches (fnmatch; repeatable; extras too)",
-    )
-    p.add_argument("--out", metavar="FILE", help="write the JSON here instead of stdout")
-    p.add_argument("--list", action="store_true", help="list the scenario ids and exit")
-    p.add_argument(
-        "--summary",
-        nargs="+",
-        metavar="JSON",
-        help="print a markdown table of medians (ratios against the first file) and exit",
-    )
-    p.add_argument(
-        "--gemm-size",
-        type=int,
-        default=DEFAULT_GEMM_SIZE,
-        help="n of the n^3 GEMM measured for the floor (1024)",
-    )
-    p.add_argument(
-        "--bandwidth-mib",
-        type=int,
-        default=DEFAULT_BANDWIDTH_MIB,
-        help="working set of the large copy-bandwidth probe in MiB (256)",
-    )
-    p.add_argument("--no-floor", action="store_true", help="skip the GEMM/bandwidth probes")
-    p.add_argument(
-        "--blas-threads",
-        type=int,
-        default=None,
-        help="BLAS threads for the whole run (default: auto, 1 for the tiny config and "
-        "all cores for the small one; see runner.auto_blas_threads)",
-    )
-    p.add_argument(
-        "--isolate",
-        action="store_true",
-        help="run each scenario in a fresh interpreter: per-scenario peak RSS and imports "
-        "(the floor is measured once, here)",
-    )
-    p.add_argument("--floor-rates", metavar="JSON", help=argparse.SUPPRESS)  # isolated child
-    p.add_argument(
-        "--train-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a TrainConfig field of every trainer (repeatable; VALUE is JSON "
-        "or a plain string), e.g. --train-option kernels=numpy (default: kernels=numba)",
-    )
-    return p
+def train_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE overrides of TrainConfig fields (the one syntax: ``parse_assignment``) on
+    top of DEFAULT_TRAIN_OPTIONS, validated by building a TrainConfig."""
+    from ..model.config import parse_assignment
+    from ..training.config import TrainConfig
 
-
-def parse_train_options(items: list[str]) -> dict[str, Any]:
-    """['kernels=numpy', 'grad_clip=1.0'] -> {'kernels': 'numpy', 'grad_clip': 1.0}, on top
-    of DEFAULT_TRAIN_OPTIONS."""
     out: dict[str, Any] = dict(DEFAULT_TRAIN_OPTIONS)
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--train-option must be KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+    out.update(parse_assignment(item) for item in items)
+    TrainConfig.from_dict(out)  # unknown field / bad value: ConfigError now, not mid-run
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m nn_core.bench`` and ``nn-core bench``; returns the exit code."""
-    args = _parser().parse_args(argv)
-    err: TextIO = sys.stderr
-
-    if args.summary:
-        from .summary import summarize
-
-        try:
-            print(summarize(args.summary))
-        except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=err)
-            return 1
-        return 0
-    for name in ("trials", "warmup", "gemm_size", "bandwidth_mib"):
-        low = 0 if name == "warmup" else 1
-        if getattr(args, name) < low:
-            print(f"error: --{name.replace('_', '-')} must be >= {low}", file=err)
-            return 2
-    if args.blas_threads is not None and args.blas_threads < 1:
-        print("error: --blas-threads must be >= 1", file=err)
-        return 2
-    if args.out:  # checked now, not after the whole benchmark ran
-        from ..errors import OutputError
-        from ..storage.ownership import check_writable_file
-
-        try:
-            check_writable_file(args.out)
-        except OutputError as exc:
-            print(f"error: --out: {exc}", file=err)
-            return 2
-    try:
-        scenarios = select(args.scenario)
-        train_options = parse_train_options(args.train_option)
-        rates = None
-        if args.floor_rates:
-            with open(args.floor_rates) as f:
-                rates = FloorRates.from_json(json.load(f))
-        if train_options:
-            from ..training.config import TrainConfig
-
-            TrainConfig(**train_options)  # validate up front: unknown field / bad value
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"error: {exc}", file=err)
-        return 2
-    if args.list:
-        for sc in scenarios if args.scenario else [*scenarios, *_extras()]:
-            print(f"{sc.id}\t{sc.axis}")
-        return 0
-
-    def log(msg: str) -> None:
-        print(msg, file=err, flush=True)
-
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(err):  # stray prints must not corrupt the JSON
-        opts = RunOptions(
-            trials=args.trials,
-            warmup=args.warmup,
-            gemm_size=args.gemm_size,
-            bandwidth_bytes=args.bandwidth_mib << 20,
-            floor=not args.no_floor,
-            blas_threads=args.blas_threads,
-            train_options=train_options,
-            isolate=args.isolate,
-            floor_rates=rates,
-        )
-        doc, failures = run_benchmark(scenarios, opts, log)
-    text = json.dumps(doc, indent=1, allow_nan=False)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        log(f"wrote {args.out}")
-    else:
-        real_stdout.write(text + "\n")
-        real_stdout.flush()
-    if failures:
-        log(f"{len(failures)} scenario(s) failed: {', '.join(f['id'] for f in failures)}")
-        return 1
-    return 0
-
-
-def _extras() -> list[Scenario]:
-    from .scenarios import EXTRAS
-
-    return list(EXTRAS.values())

@@ -16,47 +16,9 @@ from threadpoolctl import threadpool_limits
 
 from ..model.config import Config
 from .harness import Workload, numerical_stats, traced_alloc_bytes
+from .ops import config_of, model_op
 from .pool import PoolTask, ProcessPool
 from .scenarios import SEED, Scenario, make_inputs
-
-# ---------------------------------------------------------------------------- builders
-
-# TrainConfig fields the run overrides (CLI --train-option, e.g. kernels="numba"); the
-# runner sets them before any trainer is built and hands them to the pool's workers.
-TRAIN_OPTIONS: dict[str, Any] = {}
-
-
-def make_model(cfg: Config) -> Any:
-    """nn_core.MoETransformer(cfg, seed=42), float32."""
-    from ..model.transformer import MoETransformer
-
-    return MoETransformer(cfg, seed=SEED, dtype=np.float32)
-
-
-def make_trainer(model: Any, batch: int, seq: int) -> Any:
-    """Trainer(model, TrainConfig(batch_size=B, seq_len=S, **TRAIN_OPTIONS)); SPEC defaults
-    otherwise."""
-    from ..training.config import TrainConfig
-    from ..training.trainer import Trainer
-
-    return Trainer(model, TrainConfig(batch_size=batch, seq_len=seq, **TRAIN_OPTIONS))
-
-
-def model_op(kind: str, cfg: Config, batch: int, seq: int) -> Callable[[], Any]:
-    """A zero-argument callable: one forward (logits) or one train step (its metrics dict)."""
-    ids, targets = make_inputs(batch, seq, cfg.vocab_size)  # [B, S] int64
-    model = make_model(cfg)
-    if kind in ("forward", "parallel_forward"):
-        return lambda: model.forward(ids)
-    if kind in ("train", "parallel_train"):
-        trainer = make_trainer(model, batch, seq)
-        return lambda: trainer.train_step(ids, targets)
-    raise ValueError(f"model_op kind must be forward or train, got {kind!r}")
-
-
-def config_of(sc: Scenario) -> Config:
-    return Config.preset(str(sc.params.get("config", "tiny")))
-
 
 # ---------------------------------------------------------------------------- single model
 
@@ -180,14 +142,16 @@ class ThreadParallelWorkload(Workload):
     T threads use at most T cores for BLAS work; the GIL serializes the rest.
     """
 
-    def __init__(self, sc: Scenario):
+    def __init__(self, sc: Scenario, train_options: dict[str, Any]):
         super().__init__()
         p = sc.params
         self.t = int(p["thread_count"])
         cfg = config_of(sc)
         self.limits = threadpool_limits(limits=1, user_api="blas")
         try:
-            self.ops = [model_op(sc.kind, cfg, p["batch"], p["seq"]) for _ in range(self.t)]
+            self.ops = [
+                model_op(sc.kind, cfg, p["batch"], p["seq"], train_options) for _ in range(self.t)
+            ]
             self.pool = ThreadPoolExecutor(max_workers=self.t, thread_name_prefix="bench")
             self.run()  # start the T threads (untimed; warm-ups follow anyway)
         except BaseException:
@@ -259,8 +223,9 @@ class ProcessParallelWorkload(Workload):
 # ---------------------------------------------------------------------------- dispatch
 
 
-def build(sc: Scenario, context: Any = None) -> Workload:
-    """The workload of a non-parallel scenario (parallel ones: see the runner)."""
+def build(sc: Scenario, train_options: dict[str, Any], context: Any = None) -> Workload:
+    """The workload of a non-parallel scenario (parallel ones: see the runner);
+    ``train_options``: TrainConfig fields of every trainer."""
     p = sc.params
     if sc.kind == "custom":
         if sc.factory is None:
@@ -270,7 +235,7 @@ def build(sc: Scenario, context: Any = None) -> Workload:
         return KernelWorkload(sc)
     cfg = config_of(sc)
     if sc.kind in ("forward", "train"):
-        return CallWorkload(model_op(sc.kind, cfg, p["batch"], p["seq"]))
+        return CallWorkload(model_op(sc.kind, cfg, p["batch"], p["seq"], train_options))
     if sc.kind == "cold":
         return CallWorkload(
             cold_op(cfg, p["batch"], p["seq"]),

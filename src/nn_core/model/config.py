@@ -189,7 +189,7 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     true, "x"), else a float (inf), else the raw string."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {item!r}")
     text = text.strip()
     try:
         return key.strip(), json.loads(text)
@@ -269,7 +269,7 @@ def collect_fields(
             if not isinstance(part, dict):
                 raise ConfigError(f"[{section}] in {path} must be a table of fields")
             if section == "train" and part and not other_names:
-                raise ConfigError(f"{path}: [train] fields are not used here")
+                raise ConfigError(f"{path}: [train] fields are not used by this command")
             route(part, f"{path} [{section}]", allow_other=section == "train")
         route(data, str(path))
     for item in sets:

@@ -61,18 +61,14 @@ import numpy as np
 from ..checks import check_generator_state, is_int
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..model.config import Config
+from .names import LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, STEP_DIR_RE
 
 if TYPE_CHECKING:
     from ..model.transformer import MoETransformer
 
 FORMAT_VERSION = 2  # written; 2 added state_sha256 (and dropped saved_at)
 READABLE_VERSIONS = (1, 2)
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-LATEST_FILE = "latest"
 STATE_CHECKSUM = "state_sha256"  # state.json's own SHA-256 (of the other fields)
-STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 _TMP_MARK = ".tmp-"
 _MAX_STATE_BYTES = 64 << 20  # a state.json larger than this is not one of ours
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -247,13 +243,14 @@ def _chmod_default(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-def atomic_write_file(target: Path, write: Callable[[Path], object]) -> None:
-    """``write`` fills a temp file beside ``target``; fsync, rename over it, fsync the dir.
+def atomic_write_file(path: PathLike, write: Callable[[Path], object]) -> None:
+    """``write`` fills a temp file beside ``path``; fsync, rename over it, fsync the dir.
 
     A crash or an error (a full disk) leaves either the old file or the new one, never
     half a file. The parent directory must exist (it is not created). Whether ``target``
     may be replaced is the caller's decision (``nn_core.storage.ownership``).
     """
+    target = Path(path)
     if not target.parent.is_dir():
         raise OutputError(f"cannot write {target}: its parent directory does not exist")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{_TMP_MARK}", dir=target.parent)

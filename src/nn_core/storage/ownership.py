@@ -53,7 +53,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import InUseError, OutputError
-from .checkpoint import LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, STEP_DIR_RE
+from .names import (
+    LATEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RUN_MARKER,
+    STATE_FILE,
+    STEP_DIR_RE,
+    WEIGHTS_FORMAT,
+)
 
 try:  # POSIX advisory locks; where missing (Windows) only threads of one process are excluded
     import fcntl
@@ -71,7 +79,6 @@ ABSENT, EMPTY, MODEL, TRAINING, RUN, WEIGHTS, FOREIGN = (
     "weights",
     "foreign",
 )
-RUN_MARKER = ".nn-core-run"  # marks a run directory; the writers' lock file (holds a pid)
 # the files nn-core itself writes into a run directory (besides step_XXXXXX checkpoints)
 RUN_FILES = frozenset(
     {
@@ -147,7 +154,6 @@ def _is_run_json(path: Path) -> bool:
 
 def is_weights_file(path: Path) -> bool:
     """True if ``path`` is a safetensors file whose metadata says it is nn-core's export."""
-    from .weights import WEIGHTS_FORMAT
 
     try:
         with open(path, "rb") as f:

@@ -44,12 +44,11 @@ from .checkpoint import (
     save_model,
     write_safetensors,
 )
+from .names import WEIGHTS_FORMAT, WEIGHTS_FORMAT_VERSION
 
 if TYPE_CHECKING:
     from ..model.transformer import MoETransformer
 
-WEIGHTS_FORMAT = "nn-core-weights"
-WEIGHTS_FORMAT_VERSION = 1
 CONFIG_KEY = "nn_core_config"
 _CONFIG_KEYS = (CONFIG_KEY, "config")  # where import looks for the config, in order
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}

@@ -1,0 +1,1 @@
+"""One module per subcommand of ``nn-core``: each has ``add(subparsers)`` and ``run(args)``."""

@@ -1,0 +1,40 @@
+"""``nn-core export``: a checkpoint's weights as one .safetensors file PyTorch loads."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..options import human, say
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's weights as one .safetensors file (PyTorch can load it)",
+        description="Export weights with the documented names and the config in the "
+        "safetensors metadata (key nn_core_config).",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="run directory (uses its latest) or checkpoint dir"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file, e.g. model.safetensors (its directory must exist; an existing "
+        "nn-core weights file is replaced)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out even if it is another kind of file"
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...storage.ownership import check_file_output
+    from ...storage.weights import export_weights
+
+    check_file_output(args.out, overwrite=args.force, force="--force")
+    out = export_weights(args.checkpoint, args.out, overwrite=args.force)
+    say(f"wrote {out} ({human(out.stat().st_size)}B)")
+    return 0

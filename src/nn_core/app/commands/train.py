@@ -1,0 +1,408 @@
+"""``nn-core train``: train on a text file (or the default corpus), resumable bit for bit.
+
+nn-core train                        tiny config on the default corpus, a few minutes
+nn-core train --data FILE --config small --set lr=1e-3 --steps 5000 --out DIR
+nn-core train --resume --out DIR     continue DIR/latest exactly (weights, AdamW, data)
+nn-core train --steps 3000 --stop-at 1000    stop early; --resume later continues the
+                                     same schedule, bit for bit as one straight run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...errors import CheckpointError, ConfigError
+from ...model.config import Config
+from ...training.config import DEFAULT_RUN, resolve_run_config
+from ..options import (
+    PROG,
+    UsageError,
+    add_config_options,
+    fraction,
+    human,
+    nonneg_int,
+    note,
+    pos_float,
+    pos_int,
+    say,
+)
+from ..run_dir import LOSS_CURVE_FILE, SAMPLE_FILE, SUMMARY_FILE, TOKENIZER_FILE, RunDir
+
+EVAL_BATCHES = 16  # validation batches per periodic evaluation
+FINAL_EVAL_BATCHES = 256  # at most this many for the final number (the whole default val split)
+SAMPLE_TOKENS = 200  # length of the sample printed at the end of training
+SAMPLE_TOP_K, SAMPLE_TEMPERATURE = 10, 0.8  # its strategy: top-k sampling, seed 0
+DEFAULT_CORPUS_PROMPT = "def "
+
+# options that would change the run's math, refused with --resume (dest -> flag)
+FIXED_ON_RESUME = {
+    "config": "--config",
+    "data": "--data",
+    "batch_size": "--batch-size",
+    "seq_len": "--seq-len",
+    "lr": "--lr",
+    "seed": "--seed",
+    "val_fraction": "--val-fraction",
+    "warmup_steps": "--warmup-steps",
+}
+# explicit options -> TrainConfig fields (they override --config and --set)
+EXPLICIT = {
+    "steps": "total_steps",
+    "batch_size": "batch_size",
+    "seq_len": "seq_len",
+    "lr": "lr",
+    "warmup_steps": "warmup_steps",
+    "eval_interval": "eval_interval",
+    "checkpoint_interval": "checkpoint_interval",
+    "seed": "seed",
+}
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a text file (default: tiny config, default corpus)",
+        description=(
+            "Train on UTF-8 text with the byte tokenizer. With no options: the tiny config "
+            "on the default corpus (Python standard-library source) for "
+            f"{DEFAULT_RUN['total_steps']} steps of {DEFAULT_RUN['batch_size']} x "
+            f"{DEFAULT_RUN['seq_len']} tokens. Precedence: preset < config file < --set "
+            "< explicit options."
+        ),
+    )
+    add_config_options(p, "model or train config")
+    p.add_argument(
+        "--data", metavar="FILE", help="UTF-8 text file to train on (default: the default corpus)"
+    )
+    p.add_argument(
+        "--steps", type=pos_int, metavar="N", help="total updates (the LR schedule's length)"
+    )
+    p.add_argument("--batch-size", type=pos_int, metavar="B", help="sequences per batch")
+    p.add_argument("--seq-len", type=pos_int, metavar="S", help="tokens per sequence")
+    p.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate")
+    p.add_argument("--warmup-steps", type=nonneg_int, metavar="N", help="linear warmup updates")
+    p.add_argument(
+        "--eval-interval", type=nonneg_int, metavar="N", help="validate every N updates (0: never)"
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=nonneg_int,
+        metavar="N",
+        help="checkpoint every N updates (0: end only)",
+    )
+    p.add_argument(
+        "--seed", type=nonneg_int, metavar="N", help="seed of the weights and the batch sampler"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=fraction,
+        metavar="F",
+        help="last fraction of the text held out (default 0.1)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="run directory (default runs/<config>-<date>-<time>)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in --out even if it holds a run with checkpoints or another "
+        "nn-core directory (replaced); a directory nn-core did not write is never replaced",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (default: the newest under runs/) from its latest "
+        "checkpoint, exactly",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=pos_int,
+        metavar="STEP",
+        help="stop after update STEP (checkpointed); the schedule still spans --steps; "
+        "continue with --resume",
+    )
+    p.add_argument(
+        "--threads",
+        type=pos_int,
+        metavar="N",
+        help="at most N BLAS threads (default: the library picks per product size)",
+    )
+    p.add_argument(
+        "--sample-tokens",
+        type=nonneg_int,
+        metavar="N",
+        default=SAMPLE_TOKENS,
+        help=f"length of the sample printed at the end (default {SAMPLE_TOKENS})",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+@dataclass
+class Run:
+    """A training run ready to go: a fresh one or one restored from its checkpoint."""
+
+    dir: RunDir  # locked until the command ends
+    config_name: str
+    trainer: Any  # nn_core.training.Trainer (model, TrainConfig, AdamW, data source)
+    sampler: Any  # nn_core.data.BatchSampler over the train split
+    data: Any  # nn_core.data.TokenDataset
+    data_desc: str
+
+    @property
+    def data_label(self) -> str:
+        """A short name of the training text for plot titles."""
+        if self.data_desc.startswith("default corpus"):
+            return "default corpus (stdlib source)"
+        return os.path.basename(self.data_desc.split(" (")[0])
+
+
+def check_allocatable(cfg: Config) -> None:
+    """Refuse configs whose weights, gradients and AdamW moments do not fit in RAM."""
+    need = 16 * cfg.total_params()  # float32 params + grads + m + v
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > ram:
+        raise UsageError(
+            f"this config has {cfg.total_params():,} parameters; training needs about "
+            f"{need / 2**30:.1f} GiB, more than this machine's {ram / 2**30:.1f} GiB "
+            "(nn-core info --config ... shows its counts)"
+        )
+
+
+def new_run(args: argparse.Namespace) -> Run:
+    from ...data.corpus import load_corpus
+    from ...data.dataset import BatchSampler, eval_batches
+    from ...data.tokenizer import ByteTokenizer
+    from ...model.transformer import MoETransformer
+    from ...storage.checkpoint import atomic_write_file
+    from ...training.trainer import Trainer
+
+    tokenizer = ByteTokenizer()
+    explicit = {field: getattr(args, dest) for dest, field in EXPLICIT.items()}
+    overrides = {k: v for k, v in explicit.items() if v is not None}
+    cfg, config_name, tcfg = resolve_run_config(args.config, args.set, overrides)
+    if tcfg.seq_len > cfg.max_seq_len:
+        raise ConfigError(f"seq_len must be <= max_seq_len {cfg.max_seq_len}, got {tcfg.seq_len}")
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"vocab_size must be >= {tokenizer.vocab_size} for the byte tokenizer, "
+            f"got {cfg.vocab_size}"
+        )
+    if args.stop_at is not None and args.stop_at > tcfg.total_steps:
+        raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
+    check_allocatable(cfg)
+    RunDir.check_new(args.out, args.force)  # before any work
+    val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
+    text, data_desc, ds = load_corpus(args.data, val_fraction)
+    sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+    eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
+    run_dir = RunDir.create(args.out, config_name, args.force)
+    try:
+        model = MoETransformer(cfg, seed=tcfg.seed)
+        trainer = Trainer(model, tcfg, out_dir=run_dir.path, data_source=sampler)
+        atomic_write_file(run_dir.file(TOKENIZER_FILE), tokenizer.save)
+        run_dir.write_run_info(
+            config_name=config_name,
+            config=cfg,
+            train_config=tcfg,
+            data_source=args.data,
+            data_description=data_desc,
+            text=text,
+            val_fraction=val_fraction,
+            train_tokens=int(ds.train.size),
+            val_tokens=int(ds.val.size),
+            tokenizer=tokenizer.to_dict(),
+            command=[PROG, *(sys.argv[1:] if args.argv is None else args.argv)],
+        )
+    except BaseException:
+        run_dir.release()
+        raise
+    return Run(run_dir, config_name, trainer, sampler, ds, data_desc)
+
+
+def resumed_run(args: argparse.Namespace) -> Run:
+    given = [flag for dest, flag in FIXED_ON_RESUME.items() if getattr(args, dest) is not None]
+    given += ["--set"] if args.set else []
+    given += ["--force"] if args.force else []
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} cannot change when resuming (the run's settings are in "
+            "run.json); only --steps, --stop-at, --eval-interval, --checkpoint-interval can"
+        )
+    run_dir = RunDir.open(args.out)
+    try:
+        return _resume_locked(args, run_dir)
+    except BaseException:
+        run_dir.release()
+        raise
+
+
+def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
+    from ...data.corpus import load_corpus
+    from ...data.dataset import BatchSampler
+    from ...training.trainer import Trainer
+    from ..run_dir import RUN_FILE, sha256_text
+
+    info = run_dir.read_run_info()
+    text, data_desc, ds = load_corpus(info.data_source, info.val_fraction)
+    if sha256_text(text) != info.data_sha256:
+        raise CheckpointError(
+            f"the training text {info.data_source or '(default corpus)'} changed since the run "
+            "started (SHA-256 differs): an exact resume needs the same data"
+        )
+    saved = info.train_config
+    try:
+        sampler = BatchSampler(ds.train, saved["batch_size"], saved["seq_len"], saved["seed"])
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{run_dir.file(RUN_FILE)} is corrupt: {exc}") from None
+    trainer = Trainer.resume(run_dir.path, data_source=sampler, out_dir=run_dir.path)
+    if sampler.batches_drawn != trainer.step or trainer.step > trainer.config.total_steps:
+        raise CheckpointError(
+            f"{trainer.last_checkpoint}: step {trainer.step} disagrees with the data position "
+            f"({sampler.batches_drawn} batches drawn) or the schedule "
+            f"({trainer.config.total_steps} steps); the checkpoint is not from this run"
+        )
+    if args.steps is not None and args.steps < trainer.step:
+        raise UsageError(
+            f"--steps ({args.steps}) must be >= the run's current step {trainer.step} "
+            "(--steps is the total length of the schedule, not the updates still to do)"
+        )
+    if args.stop_at is not None and args.stop_at < trainer.step:
+        raise UsageError(
+            f"--stop-at ({args.stop_at}) must be >= the run's current step {trainer.step}"
+        )
+    changes = {
+        "total_steps": args.steps,
+        "eval_interval": args.eval_interval,
+        "checkpoint_interval": args.checkpoint_interval,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:
+        trainer.config = trainer.config.replace(**changes)
+    if args.stop_at is not None and args.stop_at > trainer.config.total_steps:
+        raise UsageError(
+            f"--stop-at ({args.stop_at}) must be <= steps ({trainer.config.total_steps})"
+        )
+    run_dir.truncate_metrics(trainer.step)
+    say(f"resuming {run_dir.path} at step {trainer.step} of {trainer.config.total_steps}")
+    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
+        raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
+    r = resumed_run(args) if args.resume else new_run(args)
+    with r.dir:  # the run directory stays locked until the command ends (a crash frees it)
+        return train(args, r)
+
+
+def train(args: argparse.Namespace, run: Run) -> int:
+    from ...data.dataset import eval_batches, unigram_entropy
+    from ...data.tokenizer import ByteTokenizer
+    from ...model.blas import blas_threads
+    from ..plots import plot_loss_curve
+
+    trainer, ds, out = run.trainer, run.data, run.dir
+    model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
+    entropy = unigram_entropy(np.concatenate([ds.train, ds.val]))
+    stop = tcfg.total_steps if args.stop_at is None else args.stop_at
+    todo = max(0, stop - trainer.step)
+    threads = "chosen per product size" if args.threads is None else f"at most {args.threads}"
+    say(
+        f"model: {run.config_name}, {human(cfg.total_params())} parameters "
+        f"({human(cfg.active_params())} active per token)\n"
+        f"data: {run.data_desc}; {ds.train.size:,} train / {ds.val.size:,} validation tokens\n"
+        f"unigram entropy of the corpus: {entropy:.4f} nats/token\n"
+        f"training: {todo} updates (to step {stop} of {tcfg.total_steps}), batch "
+        f"{tcfg.batch_size} x {tcfg.seq_len}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, "
+        f"cosine), BLAS threads {threads}\n"
+        f"run directory: {out.path}"
+    )
+    val_batches = eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, EVAL_BATCHES)
+    start = time.perf_counter()
+    with blas_threads(args.threads):
+        try:
+            trainer.fit(run.sampler, todo, eval_batches=val_batches, progress=not args.quiet)
+        except KeyboardInterrupt:
+            last = trainer.last_checkpoint
+            note(
+                f"interrupted at step {trainer.step}; last checkpoint: {last or 'none'}; "
+                f"continue with: {PROG} train --resume --out {out.path}"
+            )
+            return 130
+        elapsed = time.perf_counter() - start
+        final = trainer.evaluate(
+            eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, FINAL_EVAL_BATCHES)
+        )
+    png = plot_loss_curve(
+        out.read_metrics(),
+        out.file(LOSS_CURVE_FILE),
+        entropy=entropy,
+        title=f"nn-core train: {run.config_name} config, {run.data_label}, "
+        f"batch {tcfg.batch_size} x {tcfg.seq_len}",
+        final_val_ce=final["val_ce"],
+    )
+    tokenizer = ByteTokenizer()
+    sample = ""
+    if args.sample_tokens:
+        sample = training_sample(model, tokenizer, ds, run.data_desc, args.sample_tokens)
+        out.write_text(SAMPLE_FILE, sample)
+    rate = f" ({todo / elapsed:.1f} updates/s)" if todo and elapsed > 0 else ""
+    say(
+        f"\nstep {trainer.step} of {tcfg.total_steps}; {todo} updates in {elapsed:.1f} s{rate}\n"
+        f"validation cross-entropy: {final['val_ce']:.4f} nats/token "
+        f"(with aux loss {final['val_loss']:.4f}); unigram entropy: {entropy:.4f} "
+        f"({final['val_ce'] - entropy:+.4f} nats, {final['val_ce'] / entropy:.0%} of it)\n"
+        f"checkpoint: {trainer.last_checkpoint}\nloss curve: {png}"
+    )
+    if sample:
+        say(
+            f"\nsample ({args.sample_tokens} tokens, top-k {SAMPLE_TOP_K}, "
+            f"temperature {SAMPLE_TEMPERATURE}):\n{sample}"
+        )
+    out.write_json(
+        SUMMARY_FILE,
+        {
+            "step": trainer.step,
+            "total_steps": tcfg.total_steps,
+            "updates_this_session": todo,
+            "seconds_this_session": elapsed,
+            "unigram_entropy": entropy,
+            **final,
+            "checkpoint": str(trainer.last_checkpoint),
+            "sample": sample,
+        },
+    )
+    return 0
+
+
+def training_sample(model: Any, tokenizer: Any, ds: Any, data_desc: str, n: int) -> str:
+    """A short top-k sample after training, from "def " (default corpus) or the first 16
+    tokens of the validation split."""
+    from ...inference.generate import generate
+    from ...inference.sampling import TopK
+
+    if data_desc.startswith("default corpus"):
+        prompt = tokenizer.encode(DEFAULT_CORPUS_PROMPT)
+    else:
+        prompt = ds.val[:16]
+    n = min(n, model.config.max_seq_len - prompt.size)
+    ids = generate(
+        model,
+        prompt,
+        prompt.size + n,
+        TopK(SAMPLE_TOP_K, SAMPLE_TEMPERATURE),
+        rng=np.random.default_rng(0),
+        vocab_limit=tokenizer.vocab_size,
+    )
+    return tokenizer.decode(np.asarray(ids))
