@@ -1,7 +1,9 @@
 """Tokenizers: text <-> token ids.
 
+- ``Tokenizer``: what every tokenizer offers (the protocol the rest of nn-core uses).
 - ``ByteTokenizer``: ids 0-255 are the UTF-8 bytes; 256 = BOS, 257 = EOS (vocab 258,
   which fits every config: tiny has vocab_size 1000). Saved as tokenizer.json.
+- ``load_tokenizer(path)``: whichever tokenizer a tokenizer.json holds.
 
 Shape legend: T tokens.
 """
@@ -12,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -21,7 +23,38 @@ from ..errors import CheckpointError, InputError
 
 IntArray = NDArray[np.int64]
 
-# ---- tokenizer -------------------------------------------------------------------------
+# ---- the protocol ----------------------------------------------------------------------
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text <-> token ids; what training, generation, evaluation and export need."""
+
+    @property
+    def vocab_size(self) -> int: ...  # ids are in [0, vocab_size), special tokens included
+
+    @property
+    def bos_id(self) -> int | None: ...  # beginning-of-text id, if the tokenizer has one
+
+    @property
+    def eos_id(self) -> int | None: ...  # end-of-text id, if the tokenizer has one
+
+    def encode(self, text: str) -> IntArray: ...  # str -> int64 [T]
+
+    def decode(self, ids: ArrayLike) -> str: ...  # 1-D ids -> str (specials skipped)
+
+    def to_dict(self) -> dict[str, Any]: ...  # JSON-able identity (run.json records it)
+
+    def save(self, path: str | os.PathLike[str]) -> None: ...  # write tokenizer.json
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer a tokenizer.json holds; a missing or malformed file is a
+    CheckpointError naming it."""
+    return ByteTokenizer.load(path)
+
+
+# ---- bytes -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

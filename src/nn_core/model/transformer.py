@@ -413,9 +413,15 @@ class MoETransformer:
         )
 
     def backward(
-        self, state: LossState, *, scale: float = 1.0, fractions: np.ndarray | None = None
+        self,
+        state: LossState,
+        *,
+        scale: float = 1.0,
+        fractions: np.ndarray | None = None,
+        zero_grad: bool = False,
     ) -> None:
-        """Add the gradient of ``scale`` * (the state's loss) into ``flat_grads``.
+        """Add the gradient of ``scale`` * (the state's loss) into ``flat_grads`` (into
+        zeroed gradients with ``zero_grad``: then they hold exactly that gradient).
 
         ``fractions`` [L, E]: each layer's aux-loss f_e taken from a larger batch this one
         is part of (data parallelism), instead of this batch's own. Gradient calls on one
@@ -436,6 +442,8 @@ class MoETransformer:
             if fractions.shape != want:
                 raise InputError(f"fractions must have shape {want}, got {fractions.shape}")
         with self._gradient_writer(), blas_threads(self.blas_threads_for(state.ids.size)):
+            if zero_grad:
+                self.zero_grad()
             self._backward(state, float(scale), fractions)
 
     def _gradient_writer(self) -> _GradientWriter:

@@ -30,7 +30,8 @@ from .config import TrainConfig
 from .optim import AdamW, clip_grad_norm, get_lr, global_norm
 
 if TYPE_CHECKING:
-    from ..model.transformer import MoETransformer
+    from ..model.moe import Routing
+    from ..model.transformer import LossTerms, MoETransformer
 
 Batch = tuple[np.ndarray, np.ndarray]  # (token_ids [B, S], targets [B, S])
 
@@ -91,7 +92,7 @@ class Trainer:
         cfg = TrainConfig() if train_config is None else train_config
         if not isinstance(cfg, TrainConfig):
             raise ConfigError(f"train_config must be a TrainConfig, got {type(cfg).__name__}")
-        for attr in ("flat_params", "flat_grads", "loss_terms_and_grad", "parameters"):
+        for attr in ("flat_params", "flat_grads", "forward_loss", "backward", "parameters"):
             if not hasattr(model, attr):
                 raise InputError(f"model must be an nn_core.MoETransformer (no .{attr})")
         if data_source is not None and not _has_state(data_source):
@@ -111,6 +112,7 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.data_source = data_source
         self.last_checkpoint: Path | None = None  # the newest checkpoint saved or resumed
+        self.last_routing: list[Routing] = []  # each layer's routing in the last step
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, token_ids: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -123,12 +125,7 @@ class Trainer:
         cfg, t = self.config, self.step
         lr = get_lr(t, cfg)
         try:
-            terms = self.model.loss_terms_and_grad(
-                token_ids,
-                targets,
-                cfg.aux_loss_weight,
-                activation_checkpointing=cfg.activation_checkpointing,
-            )
+            terms = self._gradient(token_ids, targets)
         except FloatingPointError as exc:  # a model running under np.errstate(raise)
             raise self._non_finite(t, f"floating-point error ({exc})") from exc
         total, ce, aux = (float(x) for x in terms)
@@ -138,6 +135,24 @@ class Trainer:
         self.optimizer.step(lr)
         self.step = t + 1
         return {"step": t, "loss": total, "ce": ce, "aux": aux, "grad_norm": grad_norm, "lr": lr}
+
+    def _gradient(self, token_ids: np.ndarray, targets: np.ndarray) -> LossTerms:
+        """Leave the gradient of this step's loss in ``model.flat_grads``; its loss terms.
+
+        The forward keeps its state (``model.forward_loss``); the backward zeroes the
+        gradients and adds this step's, under the model's gradient lock.
+        ``self.last_routing`` keeps each layer's routing (``nn_core.model.moe.Routing``).
+        """
+        model, cfg = self.model, self.config
+        state = model.forward_loss(
+            token_ids,
+            targets,
+            cfg.aux_loss_weight,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )
+        model.backward(state, zero_grad=True)
+        self.last_routing = state.routing
+        return state.terms
 
     def _non_finite(self, step: int, detail: str) -> NonFiniteError:
         last = str(self.last_checkpoint) if self.last_checkpoint else "none saved yet"
