@@ -330,3 +330,9 @@ def load_data(
     dataset = TokenDataset(*split_tokens(ids, vf))
     skipped = tuple(str(b) for b in bad)
     return DataSource(dataset, tok, kind, desc, sha, vf, unigram_entropy(ids), skipped)
+
+
+def report_skipped(data: DataSource, note: Any) -> None:
+    """Tell ``note`` (one line each) which unusable files were left out (--skip-bad)."""
+    for bad in data.skipped:
+        note(f"skipped: {bad}")
