@@ -179,7 +179,7 @@ def file_tokens(path: str | os.PathLike[str], tokenizer: Tokenizer) -> Iterator[
     (checked as UTF-8 incrementally), so memory stays bounded; other tokenizers read it
     whole. Missing, unreadable, non-UTF-8 or empty -> InputError naming the file."""
     p = Path(path)
-    if not isinstance(tokenizer, ByteTokenizer):
+    if type(tokenizer) is not ByteTokenizer:  # a subclass may encode otherwise
         yield tokenizer.encode(load_text(p))
         return
     check = codecs.getincrementaldecoder("utf-8")(errors="strict")

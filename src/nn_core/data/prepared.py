@@ -219,7 +219,7 @@ def _write_tokens(
                         )
                     f.write(ids.astype(dtype).tobytes())
                     file_counts += np.bincount(ids, minlength=tok.vocab_size)
-                    file_bytes += int(ids.size) if isinstance(tok, ByteTokenizer) else 0
+                    file_bytes += int(ids.size) if type(tok) is ByteTokenizer else 0
             except InputError as exc:
                 if kind == "file":
                     raise
