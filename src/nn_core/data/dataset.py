@@ -23,6 +23,8 @@ from ..checks import check_generator_state, check_int
 from ..errors import CheckpointError, ConfigError, InputError
 from .tokenizer import ByteTokenizer, IntArray
 
+GATHER_ROWS = 32  # windows read from a memory map between two releases of its pages
+
 # ---- splits and batches ----------------------------------------------------------------
 
 
@@ -61,19 +63,21 @@ def split_tokens(ids: ArrayLike, val_fraction: float = 0.1) -> tuple[IntArray, I
 def gather_windows(ids: IntArray, starts: IntArray, length: int) -> IntArray:
     """ids[starts[b] : starts[b] + length] for each b -> int64 [B, length].
 
-    On a memory map (``np.memmap``) only the pages of those windows are read, and they
-    are released from this process's resident memory afterwards (madvise DONTNEED: the
-    file stays in the page cache), so reading a corpus of any size keeps memory flat.
+    On a memory map (``np.memmap``) only the pages of those windows are read, and the
+    map's pages are released from this process's resident memory afterwards (madvise
+    DONTNEED; the file stays in the page cache), so a corpus of any size keeps memory flat.
     """
-    window = np.array(ids[starts[:, None] + np.arange(length)], dtype=np.int64)  # [B, L]
+    offsets = np.arange(length)  # [L]
     mm = getattr(ids, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data  # the mapping's first byte
-        first = ids.ctypes.data - base + starts * ids.itemsize  # [B] byte offsets in it
-        page = mmap.PAGESIZE
-        for lo in np.unique(first // page * page).tolist():
-            hi = min(len(mm), lo + ((length * ids.itemsize) // page + 2) * page)
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return np.array(ids[starts[:, None] + offsets], dtype=np.int64)  # [B, L]
+    window = np.empty((starts.size, length), dtype=np.int64)  # [B, L]
+    for lo in range(0, starts.size, GATHER_ROWS):  # a few rows at a time, then release:
+        rows = starts[lo : lo + GATHER_ROWS]
+        window[lo : lo + rows.size] = ids[rows[:, None] + offsets]
+        # the whole map: the kernel also maps the pages around each one read
+        # ("fault-around"); dropping a range with nothing resident costs one syscall
+        mm.madvise(mmap.MADV_DONTNEED)
     return window
 
 

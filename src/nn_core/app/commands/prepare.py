@@ -110,6 +110,9 @@ def prepare(
     check_output(out, force)
     target = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a dataset is an ordinary directory
     try:
         manifest = write_prepared(
             data, tmp, tokenizer=tokenizer, val_fraction=val_fraction, glob=glob,
