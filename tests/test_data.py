@@ -230,3 +230,23 @@ def test_cli_prepare_train_and_resume_exactly(tmp_path, capsys):
         main(["train", "--data", str(prep), "--glob", "*.txt", "--out", str(tmp_path / "g")]) == 1
     )
     assert "--glob" in capsys.readouterr().err
+
+
+def test_evaluate_reads_a_prepared_dataset_and_a_directory(tmp_path, corpus):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nn_core import Config, MoETransformer
+    from nn_core.app.jobs import evaluate_file
+    from nn_core.storage.checkpoint import save_model
+
+    ckpt = save_model(MoETransformer(Config.tiny(), seed=1), tmp_path / "m")
+    data = tmp_path / "t.txt"
+    data.write_text(_text(100), encoding="utf-8")
+    prepare_cmd.prepare(str(data), str(tmp_path / "p"))
+    prepare_cmd.prepare(str(corpus), str(tmp_path / "pd"))
+    kw = dict(seq_len=32, batch_size=4, max_batches=3)
+    with ThreadPoolExecutor(2) as ex:
+        file_result = evaluate_file(ckpt, data, executor=ex, **kw)
+        assert evaluate_file(ckpt, tmp_path / "p", executor=ex, **kw) == file_result
+        on_dir = evaluate_file(ckpt, corpus, executor=ex, **kw)
+        assert evaluate_file(ckpt, tmp_path / "pd", executor=ex, **kw) == on_dir

@@ -336,3 +336,17 @@ def report_skipped(data: DataSource, note: Any) -> None:
     """Tell ``note`` (one line each) which unusable files were left out (--skip-bad)."""
     for bad in data.skipped:
         note(f"skipped: {bad}")
+
+
+def evaluation_tokens(source: str | os.PathLike[str], tokenizer: Tokenizer) -> Any:
+    """Every token id [T] of --data for evaluation (both splits): a file's or a directory's
+    (in memory), or a prepared dataset's memory map (whose tokenizer must be ``tokenizer``)."""
+    if is_prepared(source):
+        ds = PreparedDataset.open(source)
+        if ds.tokenizer.to_dict() != tokenizer.to_dict():
+            raise InputError(
+                f"prepared dataset {source} was tokenized with "
+                f"{ds.manifest['tokenizer'].get('type')!r}, not this checkpoint's tokenizer"
+            )
+        return ds.tokens
+    return read_corpus(source, tokenizer)[0]
