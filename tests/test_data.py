@@ -250,3 +250,20 @@ def test_evaluate_reads_a_prepared_dataset_and_a_directory(tmp_path, corpus):
         assert evaluate_file(ckpt, tmp_path / "p", executor=ex, **kw) == file_result
         on_dir = evaluate_file(ckpt, corpus, executor=ex, **kw)
         assert evaluate_file(ckpt, tmp_path / "pd", executor=ex, **kw) == on_dir
+
+
+def test_cli_train_on_a_directory_names_bad_files_and_skips_them_when_asked(corpus, capsys):
+    (corpus / "bad.txt").write_bytes(b"ok \xc3")  # a truncated UTF-8 character
+    out = corpus.parent / "run"
+    argv = ["train", "--data", str(corpus), "--steps", "1", *TRAIN, "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bad.txt (not valid UTF-8" in err and "--skip-bad" in err
+    assert main([*argv, "--skip-bad", "--glob", "*.txt"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped:" in err and "bad.txt" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"]["options"]["glob"] == "*.txt" and len(run["data"]["options"]["skipped"]) == 1
+    assert run["data"]["train_tokens"] + run["data"]["val_tokens"] == len(
+        read_corpus(corpus, TOK, glob="*.txt", skip_bad=True)[0]
+    )
