@@ -32,6 +32,7 @@ TEXT_SUFFIXES = {".py", ".md", ".json", ".jsonl", ".toml", ".txt", ".cfg", ".ini
 # A code reference inside a code span: an optional src/ or tests/ prefix, a path to a .py
 # file, then optionally ": name" or ": Class.method" (a call's arguments may follow).
 CODE_SPAN = re.compile(r"`([^`]+)`")
+FENCED = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1", re.MULTILINE | re.DOTALL)
 REFERENCE = re.compile(
     r"^(?P<path>(?:src/|tests/)?(?:nn_core|tests)/[\w/]*\w\.py|(?:src|tests)/[\w/]*\w\.py)"
     r"(?::\s*(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?))?"
@@ -49,7 +50,7 @@ FORBIDDEN = {
 def code_references(text: str) -> list[tuple[str, str | None]]:
     """(path, name or None) of every code reference in the code spans of ``text``."""
     found = []
-    for span in CODE_SPAN.findall(text):
+    for span in CODE_SPAN.findall(FENCED.sub("", text)):  # fences would pair up wrongly
         match = REFERENCE.match(" ".join(span.split()))  # a span may wrap across lines
         if match:
             found.append((match["path"], match["name"]))
@@ -151,6 +152,7 @@ def test_the_reference_parser_finds_what_the_docs_write(tmp_path: Path) -> None:
     assert len(code_references((ROOT / "docs" / "checkpoints.md").read_text())) >= 10
     page = tmp_path / "page.md"
     page.write_text(
+        "```math\nx = y\n```\n\n"
         "`nn_core/model/layers.py: linear_backward` and `src/nn_core/storage/\n"
         "checkpoint.py: read_state` and `nn_core/training/trainer.py: Trainer.resume(path)`"
         " and [the model](other.md#section)\n"
