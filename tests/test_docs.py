@@ -51,7 +51,8 @@ def code_references(text: str) -> list[tuple[str, str | None]]:
     """(path, name or None) of every code reference in the code spans of ``text``."""
     found = []
     for span in CODE_SPAN.findall(FENCED.sub("", text)):  # fences would pair up wrongly
-        match = REFERENCE.match(" ".join(span.split()))  # a span may wrap across lines
+        span = re.sub(r"/\s+", "/", " ".join(span.split()))  # a span may wrap across lines
+        match = REFERENCE.match(span)
         if match:
             found.append((match["path"], match["name"]))
     return found
