@@ -38,6 +38,9 @@ REFERENCE = re.compile(
     r"(?::\s*(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?))?"
 )
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# Pages other branches are writing right now, already listed in docs/README.md: a link to
+# one of them is not an error while it is missing (``test_pages_being_written_exist``).
+PENDING_PAGES = {"interop.md", "data.md", "telemetry.md", "distributed.md"}
 # built so that this file does not match itself
 FORBIDDEN = {
     "the shared contract file": re.compile(r"\bSPEC\b"),
@@ -109,7 +112,8 @@ def reference_errors(doc: Path) -> list[str]:
         if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
             continue  # a URL or an anchor on the same page
         file = (doc.parent / target.split("#", 1)[0]).resolve()
-        if not file.exists():
+        pending = file.parent == ROOT / "docs" and file.name in PENDING_PAGES
+        if not file.exists() and not pending:
             errors.append(f"link ({target}): no such file")
     return errors
 
@@ -139,6 +143,16 @@ def text_files() -> list[Path]:
 def test_the_docs_pages_exist() -> None:
     names = {p.name for p in DOCS}
     assert {"README.md", "model.md", "gradients.md", "training.md", "checkpoints.md"} <= names
+    index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
+    for page in sorted(names - {"README.md"} | PENDING_PAGES):
+        assert f"]({page})" in index, f"docs/README.md does not link {page}"
+
+
+@pytest.mark.xfail(strict=True, reason="pages being written on other branches")
+def test_pages_being_written_exist() -> None:
+    """Strict: once every pending page exists, this fails until PENDING_PAGES is emptied
+    and this marker removed, so that a link to a missing page is an error again."""
+    assert all((ROOT / "docs" / page).is_file() for page in PENDING_PAGES)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
