@@ -29,12 +29,13 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 README = ROOT / "README.md"
 TEXT_SUFFIXES = {".py", ".md", ".json", ".jsonl", ".toml", ".txt", ".cfg", ".ini", ".yml", ""}
 
-# A code reference inside a code span: an optional src/ or tests/ prefix, a path to a .py
-# file, then optionally ": name" or ": Class.method" (a call's arguments may follow).
+# A code reference inside a code span: a path to a .py file (a bare "layers.py" too: it
+# must then exist at the root, so a reference has to say where it is), then optionally
+# ": name" or ": Class.method" (a call's arguments may follow).
 CODE_SPAN = re.compile(r"`([^`]+)`")
 FENCED = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1", re.MULTILINE | re.DOTALL)
 REFERENCE = re.compile(
-    r"^(?P<path>(?:src/|tests/)?(?:nn_core|tests)/[\w/]*\w\.py|(?:src|tests)/[\w/]*\w\.py)"
+    r"^(?P<path>(?:[\w.-]+/)*\w+\.py)(?![\w/])"
     r"(?::\s*(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?))?"
 )
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -181,6 +182,7 @@ def test_the_reference_parser_finds_what_the_docs_write(tmp_path: Path) -> None:
     assert reference_errors(page) == []
     bad = {
         "`nn_core/layers.py: linear_backward`": "no such file",
+        "`layers.py: linear_backward`": "no such file",
         "`nn_core/model/layers.py: linear_backwards`": "no top-level",
         "`nn_core/training/trainer.py: Trainer.restart`": "has no restart",
         "[x](missing.md)": "no such file",
