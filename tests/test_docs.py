@@ -92,6 +92,21 @@ def top_level(path: Path) -> dict[str, set[str]]:
     return names
 
 
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``page``: lower case, punctuation other
+    than - and _ dropped, spaces as -, a repeated one suffixed -1, -2, ..."""
+    found: set[str] = set()
+    text = FENCED.sub("", page.read_text(encoding="utf-8"))
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in found:
+            n += 1
+            anchor = f"{slug}-{n}"
+        found.add(anchor)
+    return found
+
+
 def reference_errors(doc: Path) -> list[str]:
     """Every code reference or relative link of ``doc`` that does not resolve."""
     text = doc.read_text(encoding="utf-8")
@@ -110,12 +125,17 @@ def reference_errors(doc: Path) -> list[str]:
         elif member and member not in names[head]:
             errors.append(f"{path}: {name}: class {head} has no {member}")
     for target in LINK.findall(text):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL or an anchor on the same page
-        file = (doc.parent / target.split("#", 1)[0]).resolve()
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        if target.startswith("#"):
+            target = doc.name + target  # an anchor on the same page
+        name, _, anchor = target.partition("#")
+        file = (doc.parent / name).resolve()
         pending = file.parent == ROOT / "docs" and file.name in PENDING_PAGES
         if not file.exists() and not pending:
             errors.append(f"link ({target}): no such file")
+        elif anchor and file.suffix == ".md" and file.exists() and anchor not in anchors(file):
+            errors.append(f"link ({target}): no heading #{anchor} in {name}")
     return errors
 
 
@@ -171,9 +191,9 @@ def test_the_reference_parser_finds_what_the_docs_write(tmp_path: Path) -> None:
         "```math\nx = y\n```\n\n"
         "`nn_core/model/layers.py: linear_backward` and `src/nn_core/storage/\n"
         "checkpoint.py: read_state` and `nn_core/training/trainer.py: Trainer.resume(path)`"
-        " and [the model](other.md#section)\n"
+        " and [the model](other.md#2-the-section)\n"
     )
-    (tmp_path / "other.md").touch()
+    (tmp_path / "other.md").write_text("# Other\n\n## 2. The section\n")
     assert code_references(page.read_text()) == [
         ("nn_core/model/layers.py", "linear_backward"),
         ("src/nn_core/storage/checkpoint.py", "read_state"),
@@ -186,6 +206,8 @@ def test_the_reference_parser_finds_what_the_docs_write(tmp_path: Path) -> None:
         "`nn_core/model/layers.py: linear_backwards`": "no top-level",
         "`nn_core/training/trainer.py: Trainer.restart`": "has no restart",
         "[x](missing.md)": "no such file",
+        "[x](other.md#3-the-section)": "no heading",
+        "[x](#nowhere)": "no heading",
     }
     for text, message in bad.items():
         page.write_text(text)
