@@ -7,7 +7,8 @@ docs/, src/ and tests/):
     ``src/nn_core/storage/checkpoint.py`` or ``nn_core/training/trainer.py:
     Trainer.resume`` -- names an existing file, and the name after the colon is a
     top-level function or class of that file (or ``Class.method``), found by parsing it;
-(b) every relative markdown link ``[text](target)`` points at an existing file;
+(b) every relative markdown link ``[text](target)`` points at an existing file, and a
+    ``#heading`` in it at a heading of that page;
 (c) nothing cites the suite's shared contract file or its tracker by number (the
     words are spelled out in ``FORBIDDEN`` below): a clone of this repository has
     neither, so such a reference leads nowhere.
