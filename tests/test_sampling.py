@@ -555,7 +555,7 @@ class TopKTiesToTheHigherId(TopK):
         return softmax64(np.where(flipped, logits, -np.inf), self.temperature)
 
 
-MUTANTS = [  # the four that once passed every test first
+MUTANTS = [  # first the four that once passed every sampling test
     UniformNucleus(0.8, 0.7),
     TopKWithoutTemperature(3, 0.5),
     NucleusNotRenormalized(0.6, 1.3),
