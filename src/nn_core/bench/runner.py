@@ -33,7 +33,7 @@ from .harness import (
 )
 from .ops import config_of, model_op
 from .pool import PoolTask, ProcessPool
-from .scenarios import SEED, Scenario, tokens_of
+from .scenarios import EXECUTORS, PARALLEL_EXECUTOR, SEED, Scenario, tokens_of
 from .summary import fmt_ns
 from .workloads import (
     ProcessParallelWorkload,
@@ -192,10 +192,6 @@ class VariantResult:
     info: dict[str, Any]
     blas_threads: int | None
 
-    @property
-    def median_ns(self) -> int:
-        return median_int(self.measurement.timings_ns)
-
 
 def _run_variant(make: Callable[[], Workload], trials: int, warmup: int) -> VariantResult:
     gc.collect()
@@ -221,15 +217,6 @@ def _run_variant(make: Callable[[], Workload], trials: int, warmup: int) -> Vari
     return VariantResult(meas, peak, alloc, numerical, info, blas_threads)
 
 
-def auto_blas_threads(sc: Scenario) -> int:
-    """The BLAS thread policy, measured on the 2-core reference machine (README):
-    the tiny config's products (at most 64 x 64 x 1000) run fastest on one thread --
-    a second thread costs more to wake than it saves -- while the small config's
-    (64 x 256 x 1024) gain ~1.5x from all cores. Kernels and cold starts: one thread.
-    """
-    return (os.cpu_count() or 1) if sc.params.get("config") == "small" else 1
-
-
 def run_scenario(
     sc: Scenario,
     trials: int,
@@ -237,69 +224,48 @@ def run_scenario(
     pool: ProcessPool | None,
     rates: FloorRates | None,
     log: Callable[[str], None],
-    auto_blas: bool = True,
     train_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure one scenario and return its JSON record.
 
-    With ``auto_blas`` a single-model scenario runs with ``auto_blas_threads`` BLAS threads.
+    The bench sets no BLAS thread count of its own for a single model: the library
+    chooses one per call (``nn_core.model.blas``), and a run-wide ``--blas-threads``
+    cap is the caller's limit the library obeys. The parallel axis runs on the executor
+    its params name (``scenarios.PARALLEL_EXECUTOR`` for the suite), fixed before
+    measuring; if that executor cannot run here the scenario fails (no fallback).
     ``train_options``: TrainConfig fields of every trainer (default DEFAULT_TRAIN_OPTIONS).
     """
     options = dict(DEFAULT_TRAIN_OPTIONS if train_options is None else train_options)
     params: dict[str, Any] = {k: v for k, v in sc.params.items() if k != "known_flops"}
+    semantics = params.pop("parallel_semantics", None)  # a scenario-level field
     params.setdefault("seed", SEED)
     if sc.kind != "kernel":
         params.setdefault("dtype", "float32")
     if sc.kind in PARALLEL_KINDS:
-        variants: dict[str, VariantResult] = {}
-        skipped: dict[str, str] = {}
-        if pool is not None:
-            try:
-                variants["processes"] = _run_variant(
-                    lambda: ProcessParallelWorkload(sc, pool), trials, warmup
-                )
-            except Exception as exc:
-                skipped["processes"] = f"{type(exc).__name__}: {exc}"
+        executor = str(params.get("executor", PARALLEL_EXECUTOR))
+        if executor == "processes":
+            if pool is None:
+                raise RuntimeError("the process pool could not start in this run")
+            res = _run_variant(lambda: ProcessParallelWorkload(sc, pool), trials, warmup)
+        elif executor == "threads":
+            reason = threads_unsafe_reason()
+            if reason is not None:
+                raise RuntimeError(f"threads executor unavailable: {reason}")
+            res = _run_variant(lambda: ThreadParallelWorkload(sc, options), trials, warmup)
         else:
-            skipped["processes"] = "no process pool in this run"
-        reason = threads_unsafe_reason()
-        if reason is None:
-            try:
-                variants["threads"] = _run_variant(
-                    lambda: ThreadParallelWorkload(sc, options), trials, warmup
-                )
-            except Exception as exc:
-                skipped["threads"] = f"{type(exc).__name__}: {exc}"
-        else:
-            skipped["threads"] = reason
-        if not variants:
-            raise RuntimeError(f"no executor could run {sc.id}: {skipped}")
-        best_name = min(variants, key=lambda k: variants[k].median_ns)
-        best = variants[best_name]
-        alternatives: dict[str, Any] = {
-            k: v.median_ns for k, v in variants.items() if k != best_name
-        }
-        alternatives.update({k: None for k in skipped})
-        params["executor"] = best_name
-        params["alternatives"] = alternatives
-        if skipped:
-            params["skipped_executors"] = skipped
-        for name, v in variants.items():
-            if name != best_name:
-                log(f"    {name}: median {fmt_ns(v.median_ns)}")
+            raise ValueError(f"scenario {sc.id}: executor must be one of {EXECUTORS}")
     else:
-        threads = auto_blas_threads(sc) if auto_blas else None
-        with threadpool_limits(limits=threads, user_api="blas"):  # None: leaves them as they are
-            best = _run_variant(lambda: build(sc, options), trials, warmup)
-    params.update({k: v for k, v in best.info.items() if k not in params})
-    # BLAS threads the measured work ran with (per worker for the process pool)
-    params["blas_threads"] = best.info.get("blas_threads_per_worker", best.blas_threads)
+        res = _run_variant(lambda: build(sc, options), trials, warmup)
+    params.update({k: v for k, v in res.info.items() if k not in params})
+    # BLAS threads the measured work ran with: per worker for the parallel axis, the
+    # library's own choice for a model (workloads.build records it), else the pool's count
+    params.setdefault("blas_threads", res.info.get("blas_threads_per_worker", res.blas_threads))
 
-    tokens = best.info.get("tokens", tokens_of(sc) if sc.kind != "kernel" else None)
+    tokens = res.info.get("tokens", tokens_of(sc) if sc.kind != "kernel" else None)
     floor = scenario_floor(sc, rates)
     if floor is not None:
         params["floor"] = {k: v for k, v in floor.items() if k != "flops"}
-    return build_record(sc, params, best, trials, warmup, tokens, floor)
+    return build_record(sc, params, res, trials, warmup, tokens, floor, semantics)
 
 
 def build_record(
@@ -310,8 +276,10 @@ def build_record(
     warmup: int,
     tokens: int | None,
     floor: dict[str, Any] | None,
+    parallel_semantics: str | None = None,
 ) -> dict[str, Any]:
-    """The scenario's JSON object, with the SPEC section 6 field names and order."""
+    """The scenario's JSON object, with the suite's field names and order
+    (docs/benchmark.md); ``parallel_semantics`` (parallel axis) sits beside ``id``."""
     m = res.measurement
     stats = timing_stats(m.timings_ns)
     med = stats["median_ns"]
@@ -327,8 +295,10 @@ def build_record(
         derived["flops"] = flops
         fns = floor.get("floor_ns")
         derived["floor_ratio"] = finite_or_none(fl.floor_ratio(med, fns)) if fns else None
-    rec: dict[str, Any] = {
-        "id": sc.id,
+    rec: dict[str, Any] = {"id": sc.id}
+    if parallel_semantics is not None:
+        rec["parallel_semantics"] = parallel_semantics
+    rec.update({
         "axis": sc.axis,
         "params": params,
         "timings_ns": m.timings_ns,
@@ -340,7 +310,7 @@ def build_record(
         "gc": {"total_gc_time_ns": m.gc_time_ns, "gc_pause_count": m.gc_count},
         "numerical": {**res.numerical, "max_abs": finite_or_none(res.numerical["max_abs"])},
         "derived": derived,
-    }
+    })  # fmt: skip
     if tokens is not None:
         rec["throughput_tokens_per_sec"] = finite_or_none(tokens / med_s) if med else None
     if "known_flops" in sc.params:
@@ -358,7 +328,7 @@ def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
     tasks: dict[str, PoolTask] = {}
     n = 0
     for sc in scenarios:
-        if sc.kind in PARALLEL_KINDS:
+        if sc.kind in PARALLEL_KINDS and sc.params.get("executor") == "processes":
             p = sc.params
             kind = "forward" if sc.kind == "parallel_forward" else "train"
             task = PoolTask(kind, str(p.get("config", "tiny")), int(p["batch"]), int(p["seq"]))
@@ -456,7 +426,6 @@ def _run_benchmark(
                         pool,
                         rates,
                         log,
-                        auto_blas=not blas,
                         train_options=opts.train_options,
                     )
             except Exception as exc:
@@ -469,10 +438,12 @@ def _run_benchmark(
                 log("    " + progress_line(rec))
         policy = {
             "single_model": (
-                f"BLAS capped at {blas} thread(s) by --blas-threads"
+                f"BLAS capped at {blas} thread(s) by --blas-threads; within it the "
+                "library's own choice per call (nn_core.model.blas)"
                 if blas
-                else "auto per scenario (runner.auto_blas_threads): 1 thread for the tiny "
-                "config, kernels and cold start; all cores for the small config"
+                else "the library's own choice per call (nn_core.model.blas: one thread "
+                "for products under 8M multiply-adds, else all the pool allows); the "
+                "bench sets none"
             ),
             "parallel_threads": "BLAS capped at 1 thread process-wide while T threads run",
             "parallel_processes": "each worker process: BLAS 1 thread, NUMBA_NUM_THREADS=1",
