@@ -118,6 +118,16 @@ def test_tokens_count_all_parallel_instances() -> None:
     assert tokens_of(by_id["kernel_matmul"]) is None
 
 
+def test_trainer_scenarios_are_measured_last_and_reported_in_suite_order() -> None:
+    from nn_core.bench.runner import measuring_order
+
+    order = [s.id for s in measuring_order(list(SCENARIOS))]
+    assert sorted(order) == sorted(SCENARIO_IDS)
+    trainers = [s.id for s in SCENARIOS if s.kind in ("train", "parallel_train")]
+    assert order[-len(trainers) :] == trainers  # mem_train_step, parallel_train_T*, scale_train
+    assert order[0] == "mem_scale_batch_1"
+
+
 def test_scenario_globs_select_in_suite_order() -> None:
     assert [s.id for s in select(None)] == list(SCENARIO_IDS)
     assert [s.id for s in select(["kernel_*"])] == [
@@ -366,7 +376,8 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
-    assert "[1/8] mem_train_step" in proc.stderr  # progress went to stderr, in suite order
+    # progress went to stderr, the scenarios that build a trainer measured last
+    assert "[1/8] kernel_matmul" in proc.stderr and "[7/8] mem_train_step" in proc.stderr
 
     meta = doc["metadata"]
     assert meta["language"] == "python" and meta["seed"] == 42
