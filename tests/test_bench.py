@@ -255,6 +255,12 @@ def test_summary_table_rows_and_ratios() -> None:
     ]
     assert lines[7] == "| kernel_rmsnorm | compiler | - | - | - | - | - |"
     assert "- rust (bench_sibling.json): Apple M1, macOS-14.5-arm64" in text
+    head = text.split("\n\n")[1].splitlines()  # the headline figures, a column per file
+    assert head[0] == (
+        "| figure | python (bench_a.json) | python (bench_b.json) | rust (bench_sibling.json) |"
+    )
+    assert len(head) == 2 + 8  # none of these files has the parallel scenarios: all '-'
+    assert head[2] == "| inference/s at T4 (parallel_T4) | - | - | - |"
 
 
 PEER = str(FIXTURES / "bench_rust_peer.json")  # the Rust implementation's own output
