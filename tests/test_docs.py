@@ -222,11 +222,6 @@ def test_the_reference_parser_finds_what_the_docs_write(tmp_path: Path) -> None:
 # Files that other branches are rewording right now (the benchmark, sampling and
 # generation). Strict: once such a file is clean, its test fails until it leaves this set.
 PENDING = {
-    "src/nn_core/bench/__init__.py",
-    "src/nn_core/bench/extras.py",
-    "src/nn_core/bench/floor.py",
-    "src/nn_core/bench/runner.py",
-    "src/nn_core/bench/scenarios.py",
     "src/nn_core/inference/generate.py",
     "src/nn_core/inference/sampling.py",
 }
