@@ -154,7 +154,8 @@ def text_files() -> list[Path]:
     files = []
     for top in ("docs", "src", "tests"):
         for path in sorted((ROOT / top).rglob("*")):
-            if path.is_file() and path.suffix in TEXT_SUFFIXES and "__pycache__" not in path.parts:
+            generated = any(p == "__pycache__" or p.endswith(".egg-info") for p in path.parts)
+            if path.is_file() and path.suffix in TEXT_SUFFIXES and not generated:
                 files.append(path)
     return files
 
@@ -219,26 +220,7 @@ def test_the_reference_parser_finds_what_the_docs_write(tmp_path: Path) -> None:
 # ---- no reference that leads outside the repository ---------------------------------------
 
 
-# Files that other branches are rewording right now (the benchmark, sampling and
-# generation). Strict: once such a file is clean, its test fails until it leaves this set.
-PENDING = {
-    "src/nn_core/bench/__init__.py",
-    "src/nn_core/bench/extras.py",
-    "src/nn_core/bench/floor.py",
-    "src/nn_core/bench/runner.py",
-    "src/nn_core/bench/scenarios.py",
-}
-
-
-def _checked_file(path: Path) -> object:
-    name = str(path.relative_to(ROOT))
-    if name in PENDING:
-        reason = "being reworded on another branch"
-        return pytest.param(path, id=name, marks=pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.param(path, id=name)
-
-
-@pytest.mark.parametrize("path", [_checked_file(p) for p in text_files()])
+@pytest.mark.parametrize("path", text_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_reference_outside_the_repository(path: Path) -> None:
     """(c) for every text file of docs/, src/ and tests/."""
     assert forbidden_mentions(path) == []
