@@ -87,6 +87,7 @@ class ProcessGroup:
             sys.stdout.flush()
             sys.stderr.flush()
         self.comm.Abort(int(status))
+        os._exit(int(status))  # MPICH's Abort may return before the launcher ends the job
 
 
 def launched_size() -> int:
@@ -129,7 +130,7 @@ def run_ranks(
             time.sleep(ABORT_GRACE_SECONDS)
         status = report(exc)
         group.abort(status)
-        raise  # not reached: Abort ends the process
+        raise  # not reached: abort ends the process
 
 
 # ---- routing statistics over ranks -------------------------------------------------------
