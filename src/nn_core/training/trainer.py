@@ -119,6 +119,7 @@ class Trainer:
         # None: this process alone. Rank 0 alone writes metrics, checkpoints, the bar.
         self.group = group
         self._routing_stats: list[RoutingStats] | None = None  # of the whole last step
+        self.comm_seconds = 0.0  # time the last step spent in collectives (with group)
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, token_ids: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -190,7 +191,7 @@ class Trainer:
             )
         b = rows // (n_micro * n_ranks)
         scale = 1.0 / (n_micro * n_ranks)
-        total = ce = aux = 0.0
+        total = ce = aux = comm = 0.0
         step_stats: list[RoutingStats] | None = None
         for m in range(n_micro):
             lo = (m * n_ranks + rank) * b
@@ -204,7 +205,9 @@ class Trainer:
             fractions = None  # one process: each micro-batch's own f_e
             terms = state.terms
             if group is not None:  # sum the routing statistics and CE over ranks
+                start = time.perf_counter()
                 packed = group.allreduce_sum(pack_stats(stats, terms.ce * state.ids.size))
+                comm += time.perf_counter() - start
                 stats, ce_sum = unpack_stats(packed, len(stats))
                 fractions = fractions_of(stats)  # f_e of micro-batch m on all ranks   [L, E]
                 micro_aux = aux_of(stats, cfg.aux_loss_weight)
@@ -215,7 +218,9 @@ class Trainer:
             total, ce, aux = total + terms.total, ce + terms.ce, aux + terms.aux
             self.last_routing = state.routing
         if group is not None:
+            start = time.perf_counter()
             group.allreduce_sum(model.flat_grads)  # the one exchange of the gradient
+            self.comm_seconds = comm + time.perf_counter() - start
         self._routing_stats = step_stats
         return LossTerms(total / n_micro, ce / n_micro, aux / n_micro)
 
@@ -356,6 +361,8 @@ class Trainer:
                 metrics = self.train_step(inputs, targets)
                 elapsed = time.perf_counter() - start
                 metrics["tokens_per_sec"] = np.asarray(inputs).size / max(elapsed, 1e-12)
+                if self.group is not None:  # data parallelism: the collectives' share
+                    metrics["comm_seconds"], metrics["step_seconds"] = self.comm_seconds, elapsed
                 if (
                     get_eval is not None
                     and cfg.eval_interval
