@@ -244,3 +244,14 @@ def test_without_mpiexec_or_with_one_rank_there_is_no_group(monkeypatch) -> None
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if not installed
     with pytest.raises(DistributedError, match=r"nn-core\[mpi\]"):
         world()
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_once(straight) -> None:  # type: ignore[no-untyped-def]
+    root, data, _ = straight
+    args = ["train", "--data", data, "--batch-size", "3", "--steps", "2", "--out", root / "odd"]
+    done = run_ranks(2, "cli", *args)
+    assert done.returncode == 2
+    assert (
+        done.stderr.count("batch_size (3) must be divisible by grad_accum_steps (1) x ranks (2)")
+        == 1
+    )

@@ -27,15 +27,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import NNCoreError
 from ..model.moe import RoutingStats
-
-if TYPE_CHECKING:
-    from .trainer import DataSource, Trainer
 
 # Environment variables through which launchers tell a process how many ranks there are
 # (MPICH / Intel MPI hydra, Open MPI). Absent: no launcher, one process, no MPI import.
@@ -207,45 +204,3 @@ def check_in_sync(group: ProcessGroup, flat: np.ndarray, step: int) -> None:
             f"({group.size} ranks): the ranks no longer train the same model; training "
             "stopped before writing anything of this step (resume from the last checkpoint)"
         )
-
-
-# ---- one starting state on every rank ----------------------------------------------------
-
-
-def share_trainer(group: ProcessGroup, trainer: Trainer) -> None:
-    """Rank 0: send the trainer's whole state (model config, TrainConfig, step, RNG and
-    data state, parameters, AdamW moments) to the other ranks (``receive_trainer``)."""
-    group.broadcast(
-        {
-            "config": trainer.model.config.to_dict(),
-            "dtype": trainer.model.flat_params.dtype.name,
-            "state": trainer.state(),
-        }
-    )
-    for array in (trainer.model.flat_params, trainer.optimizer.m, trainer.optimizer.v):
-        group.broadcast_array(array)
-    trainer.group = group
-
-
-def receive_trainer(group: ProcessGroup, data_source: DataSource | None = None) -> Trainer:
-    """Another rank: a trainer equal to rank 0's, bit for bit (``share_trainer``); the
-    data state goes into ``data_source``. Works without a shared file system."""
-    from ..model.config import Config
-    from ..model.transformer import MoETransformer
-    from .config import TrainConfig
-    from .trainer import Trainer
-
-    sent = group.broadcast(None)
-    state = sent["state"]
-    model = MoETransformer(Config.from_dict(sent["config"]), dtype=np.dtype(sent["dtype"]))
-    trainer = Trainer(model, TrainConfig.from_dict(state["train_config"]), group=group)
-    trainer.step = state["step"]
-    trainer.rng.bit_generator.state = state["rng_state"]
-    m, v = np.empty_like(trainer.optimizer.m), np.empty_like(trainer.optimizer.v)
-    for array in (model.flat_params, m, v):
-        group.broadcast_array(array)
-    trainer.optimizer.load_state_dict({"m": m, "v": v, "t": state["optimizer"]["t"]})
-    if data_source is not None and state["data_state"] is not None:
-        data_source.load_state_dict(state["data_state"])
-    trainer.data_source = data_source
-    return trainer

@@ -334,7 +334,7 @@ def run_ranks(args: argparse.Namespace, group: Any) -> int:
 
 def share_run(group: Any, run: Run, todo: int, threads: int | None) -> None:
     """Rank 0: what the other ranks need to train beside it (``follow``)."""
-    from ...training.distributed import share_trainer
+    from ...training.replicas import share_trainer
 
     info, tcfg = run.dir.read_run_info(), run.trainer.config
     job = {"data": info.data_source, "val_fraction": info.val_fraction, "todo": todo}
@@ -348,7 +348,7 @@ def follow(args: argparse.Namespace, group: Any) -> int:
     from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
     from ...model.blas import blas_threads
-    from ...training.distributed import receive_trainer
+    from ...training.replicas import receive_trainer
 
     job = group.broadcast(None)
     _, _, ds = load_corpus(job["data"], job["val_fraction"])
