@@ -141,7 +141,8 @@ def train_one(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess
 
 def metrics(run: Path) -> list[dict[str, float]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_sec"} for x in lines]
+    timings = {"tokens_per_sec", "comm_seconds", "step_seconds"}
+    return [{k: v for k, v in json.loads(x).items() if k not in timings} for x in lines]
 
 
 def weights(run: Path) -> np.ndarray:
