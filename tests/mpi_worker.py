@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,7 @@ def install_fault(spec: str) -> None:
             if kind == "raise":
                 raise OSError(28, "No space left on device (injected fault)", "/tmp/injected")
             if kind == "kill":
+                print(f"injected kill at {time.time():.3f}", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "drift":
                 self.model.flat_params[0] += 1e-3

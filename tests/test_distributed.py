@@ -35,6 +35,7 @@ from timeouts import SUBPROCESS_TIMEOUT  # noqa: E402
 
 require_oracle("mpi4py")
 WORKER = Path(__file__).parent / "mpi_worker.py"
+KILL_BOUND_SECONDS = 30.0  # kill -9 of a rank to the end of the job (see the kill test)
 FLOAT32_RTOL = 1e-4  # 2 ranks vs 1 process after 6 float32 updates (measured: ~1e-6)
 
 
@@ -203,12 +204,14 @@ def test_an_exception_on_one_rank_ends_all_printed_once_and_resume_is_exact(stra
 def test_kill_9_of_one_rank_ends_the_job_and_resume_is_exact_on_2_and_on_1(straight) -> None:  # type: ignore[no-untyped-def]
     root, data, _ = straight
     run = root / "kill"
-    start = time.perf_counter()
     done = train_ranks(2, run, data, fault="1:5:kill")
-    elapsed = time.perf_counter() - start
+    ended = time.time()
     assert done.returncode != 0
     assert "BAD TERMINATION" in done.stdout + done.stderr and "signal 9" in done.stdout
-    assert elapsed < SUBPROCESS_TIMEOUT  # ends at once (measured: well under 1 s after the kill)
+    killed = float(done.stderr.split("injected kill at ")[1].split()[0])
+    # mpiexec ends the job as soon as it sees the lost rank (measured: 0.05-0.07 s); the
+    # bound only tells a prompt end from a hang that the subprocess timeout would catch
+    assert ended - killed < KILL_BOUND_SECONDS
     assert latest(run) == "step_000004"
     shutil.copytree(run, root / "kill_on_one")
     resumed = train_ranks(2, run, data, "--resume")
