@@ -333,31 +333,35 @@ def run_ranks(args: argparse.Namespace, group: Any) -> int:
 
 
 def share_run(group: Any, run: Run, todo: int, threads: int | None) -> None:
-    """Rank 0: what the other ranks need to train beside it (``follow``)."""
+    """Rank 0: what the other ranks need to train beside it (``follow``): the token ids
+    of both splits as rank 0 read and tokenized them (so no other rank reads the data),
+    the sampler's shape and the trainer's whole state."""
     from ...training.replicas import share_trainer
 
-    info, tcfg = run.dir.read_run_info(), run.trainer.config
-    job = {"data": info.data_source, "val_fraction": info.val_fraction, "todo": todo}
+    tcfg = run.trainer.config
+    splits = [np.ascontiguousarray(run.data.train), np.ascontiguousarray(run.data.val)]
     shape = {"batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "seed": tcfg.seed}
-    group.broadcast({**job, **shape, "threads": threads})
+    tokens = [(a.shape, a.dtype.str) for a in splits]
+    group.broadcast({"todo": todo, "threads": threads, "tokens": tokens, **shape})
+    for array in splits:
+        group.broadcast_array(array)
     share_trainer(group, run.trainer)
 
 
 def follow(args: argparse.Namespace, group: Any) -> int:
     """A rank other than 0: the same updates and evaluations as rank 0, writing nothing."""
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
     from ...model.blas import blas_threads
     from ...training.replicas import receive_trainer
 
     job = group.broadcast(None)
-    _, _, ds = load_corpus(job["data"], job["val_fraction"])
+    train_ids, val_ids = (group.broadcast_array(np.empty(*t)) for t in job["tokens"])
     b, s = job["batch_size"], job["seq_len"]
-    sampler = BatchSampler(ds.train, b, s, job["seed"])
+    sampler = BatchSampler(train_ids, b, s, job["seed"])
     trainer = receive_trainer(group, sampler)
     with blas_threads(job["threads"]):
-        trainer.fit(sampler, job["todo"], eval_batches=eval_batches(ds.val, b, s, EVAL_BATCHES))
-        trainer.evaluate(eval_batches(ds.val, b, s, FINAL_EVAL_BATCHES))
+        trainer.fit(sampler, job["todo"], eval_batches=eval_batches(val_ids, b, s, EVAL_BATCHES))
+        trainer.evaluate(eval_batches(val_ids, b, s, FINAL_EVAL_BATCHES))
     return 0
 
 
