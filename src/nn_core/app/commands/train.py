@@ -5,6 +5,7 @@ nn-core train --data FILE --config small --set lr=1e-3 --steps 5000 --out DIR
 nn-core train --resume --out DIR     continue DIR/latest exactly (weights, AdamW, data)
 nn-core train --steps 3000 --stop-at 1000    stop early; --resume later continues the
                                      same schedule, bit for bit as one straight run
+mpiexec -n 2 nn-core train ...       the same run over 2 processes (docs/distributed.md)
 """
 
 from __future__ import annotations
