@@ -77,7 +77,7 @@ SCENARIO_FIELDS = [
 
 def test_the_22_scenarios_have_the_spec_ids_axes_and_workloads() -> None:
     assert len(SCENARIOS) == 22
-    assert list(SCENARIO_IDS) == list(EXPECTED)  # SPEC order
+    assert list(SCENARIO_IDS) == list(EXPECTED)  # the order of docs/benchmark.md
     for sc in SCENARIOS:
         axis, kind, params = EXPECTED[sc.id]
         assert (sc.axis, sc.kind) == (axis, kind), sc.id

@@ -45,8 +45,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..checks import check_int
-from ..data.corpus import load_text
 from ..data.dataset import eval_batches
+from ..data.prepared import evaluation_tokens
 from ..data.tokenizer import ByteTokenizer
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inference.sampling import SamplingStrategy, make_strategy
@@ -243,7 +243,7 @@ def evaluate_file(
     batch_size = check_int(batch_size, "batch_size", 1)
     if max_batches is not None:
         max_batches = check_int(max_batches, "max_batches", 1)
-    ids = tokenizer.encode(load_text(data_file))  # [T]
+    ids = evaluation_tokens(data_file, tokenizer)  # [T]: a file, a directory or prepared
     if ids.size < seq_len + 1:
         raise InputError(
             f"data file {data_file} has {ids.size} tokens; seq_len={seq_len} needs at least "

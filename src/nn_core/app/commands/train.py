@@ -46,6 +46,8 @@ DEFAULT_CORPUS_PROMPT = "def "
 FIXED_ON_RESUME = {
     "config": "--config",
     "data": "--data",
+    "glob": "--glob",
+    "skip_bad": "--skip-bad",
     "batch_size": "--batch-size",
     "seq_len": "--seq-len",
     "lr": "--lr",
@@ -80,7 +82,17 @@ def add(sub: Any) -> None:
     )
     add_config_options(p, "model or train config")
     p.add_argument(
-        "--data", metavar="FILE", help="UTF-8 text file to train on (default: the default corpus)"
+        "--data",
+        metavar="PATH",
+        help="a UTF-8 text file, a directory of them (recursive) or a prepared dataset "
+        "(nn-core prepare) to train on (default: the default corpus)",
+    )
+    p.add_argument("--glob", metavar="PATTERN", help="with a directory: only files matching it")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="with a directory: skip unreadable, empty or non-UTF-8 files (listed)",
     )
     p.add_argument(
         "--steps", type=pos_int, metavar="N", help="total updates (the LR schedule's length)"
@@ -156,6 +168,7 @@ class Run:
     sampler: Any  # nn_core.data.BatchSampler over the train split
     data: Any  # nn_core.data.TokenDataset
     data_desc: str
+    source: Any = None  # nn_core.data.prepared.DataSource (its tokenizer, entropy)
 
     @property
     def data_label(self) -> str:
@@ -181,8 +194,8 @@ def check_allocatable(cfg: Config) -> None:
 
 
 def new_run(args: argparse.Namespace) -> Run:
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
+    from ...data.prepared import load_data, report_skipped
     from ...data.tokenizer import ByteTokenizer
     from ...model.transformer import MoETransformer
     from ...storage.checkpoint import atomic_write_file
@@ -203,32 +216,42 @@ def new_run(args: argparse.Namespace) -> Run:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
     check_allocatable(cfg)
     RunDir.check_new(args.out, args.force)  # before any work
-    val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
-    text, data_desc, ds = load_corpus(args.data, val_fraction)
+    data = load_data(
+        args.data, val_fraction=args.val_fraction, glob=args.glob, skip_bad=bool(args.skip_bad)
+    )
+    report_skipped(data, note)
+    ds, data_desc, val_fraction = data.dataset, data.description, data.val_fraction
+    if cfg.vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(
+            f"vocab_size must be >= {data.tokenizer.vocab_size} for the data's tokenizer, "
+            f"got {cfg.vocab_size}"
+        )
     sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
     eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
     run_dir = RunDir.create(args.out, config_name, args.force)
     try:
         model = MoETransformer(cfg, seed=tcfg.seed)
         trainer = Trainer(model, tcfg, out_dir=run_dir.path, data_source=sampler)
-        atomic_write_file(run_dir.file(TOKENIZER_FILE), tokenizer.save)
+        atomic_write_file(run_dir.file(TOKENIZER_FILE), data.tokenizer.save)
         run_dir.write_run_info(
             config_name=config_name,
             config=cfg,
             train_config=tcfg,
             data_source=args.data,
             data_description=data_desc,
-            text=text,
+            text=None,
+            data_sha256=data.sha256,
+            data_options={"glob": args.glob, "skip_bad": bool(args.skip_bad), **data.options},
             val_fraction=val_fraction,
             train_tokens=int(ds.train.size),
             val_tokens=int(ds.val.size),
-            tokenizer=tokenizer.to_dict(),
+            tokenizer=data.tokenizer.to_dict(),
             command=[PROG, *(sys.argv[1:] if args.argv is None else args.argv)],
         )
     except BaseException:
         run_dir.release()
         raise
-    return Run(run_dir, config_name, trainer, sampler, ds, data_desc)
+    return Run(run_dir, config_name, trainer, sampler, ds, data_desc, data)
 
 
 def resumed_run(args: argparse.Namespace) -> Run:
@@ -249,14 +272,21 @@ def resumed_run(args: argparse.Namespace) -> Run:
 
 
 def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler
+    from ...data.prepared import load_data
     from ...training.trainer import Trainer
-    from ..run_dir import RUN_FILE, sha256_text
+    from ..run_dir import RUN_FILE
 
     info = run_dir.read_run_info()
-    text, data_desc, ds = load_corpus(info.data_source, info.val_fraction)
-    if sha256_text(text) != info.data_sha256:
+    opts = info.data_options or {}
+    data = load_data(
+        info.data_source,
+        val_fraction=info.val_fraction,
+        glob=opts.get("glob"),
+        skip_bad=bool(opts.get("skip_bad")),
+    )
+    ds, data_desc = data.dataset, data.description
+    if data.sha256 != info.data_sha256:
         raise CheckpointError(
             f"the training text {info.data_source or '(default corpus)'} changed since the run "
             "started (SHA-256 differs): an exact resume needs the same data"
@@ -296,7 +326,7 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
         )
     run_dir.truncate_metrics(trainer.step)
     say(f"resuming {run_dir.path} at step {trainer.step} of {trainer.config.total_steps}")
-    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc)
+    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc, data)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -394,7 +424,11 @@ def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
 
     trainer, ds, out = run.trainer, run.data, run.dir
     model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
-    entropy = unigram_entropy(np.concatenate([ds.train, ds.val]))
+    entropy = (
+        run.source.unigram_entropy
+        if run.source is not None
+        else unigram_entropy(np.concatenate([ds.train, ds.val]))
+    )
     stop = tcfg.total_steps if args.stop_at is None else args.stop_at
     todo = max(0, stop - trainer.step)
     n_threads = 1 if group is not None and args.threads is None else args.threads
@@ -436,7 +470,7 @@ def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
         f"batch {tcfg.batch_size} x {tcfg.seq_len}",
         final_val_ce=final["val_ce"],
     )
-    tokenizer = ByteTokenizer()
+    tokenizer = ByteTokenizer() if run.source is None else run.source.tokenizer
     sample = ""
     if args.sample_tokens:
         sample = training_sample(model, tokenizer, ds, run.data_desc, args.sample_tokens)
