@@ -259,3 +259,34 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_once(straight) ->
         done.stderr.count("batch_size (3) must be divisible by grad_accum_steps (1) x ranks (2)")
         == 1
     )
+
+
+def test_a_prepared_dataset_is_memory_mapped_by_every_rank_with_the_same_batches(straight) -> None:  # type: ignore[no-untyped-def]
+    root, data, _ = straight
+    prepared = root / "prepared"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    made = subprocess.run(
+        [sys.executable, "-m", "nn_core", "prepare", str(data), "--out", str(prepared)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    done = train_ranks(2, root / "from_prepared", prepared)
+    assert done.returncode == 0, done.stderr
+    assert metrics(root / "from_prepared") == metrics(root / "straight")
+
+
+def test_file_window_finds_a_split_of_a_memory_map_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nn_core.app.commands.train import file_window
+
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    tokens = np.memmap(path, np.uint16, mode="r", offset=20, shape=(900,))
+    for split in (tokens[:700], tokens[700:]):
+        name, offset = file_window(split)  # type: ignore[misc]
+        again = np.memmap(name, np.uint16, mode="r", offset=offset, shape=split.shape)
+        assert np.array_equal(again, split)
+    assert file_window(np.arange(5)) is None and file_window(np.asarray(tokens)[::2]) is None

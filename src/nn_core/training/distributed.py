@@ -42,6 +42,10 @@ SYNC_CHECK_INTERVAL = 100  # updates between two parameter-hash comparisons acro
 # fails with the same error (bad input fails everywhere), its abort ends this rank first,
 # so the error is printed once.
 ABORT_GRACE_SECONDS = 1.0
+# An error that every rank raises at the same point (marked ``every_rank``: parameters
+# out of sync, a non-finite reduced gradient) is left to rank 0: the others wait up to
+# this long for its abort before they report too.
+EVERY_RANK_GRACE_SECONDS = 30.0
 
 
 class DistributedError(NNCoreError):
@@ -119,12 +123,14 @@ def run_ranks(
     """Run ``main`` on this rank. If it raises, ``report`` prints the error (one line) and
     gives the exit status, and every rank of the job is aborted: a rank waiting in a
     collective for the failed one can never hang. Rank 0 reports at once; another rank
-    first waits ABORT_GRACE_SECONDS (so an error every rank raises is printed once)."""
+    first waits ABORT_GRACE_SECONDS, or EVERY_RANK_GRACE_SECONDS for an error marked
+    ``every_rank`` (so an error every rank raises is printed once, by rank 0)."""
     try:
         return main()
     except BaseException as exc:
         if group.rank != 0:
-            time.sleep(ABORT_GRACE_SECONDS)
+            every = getattr(exc, "every_rank", False)
+            time.sleep(EVERY_RANK_GRACE_SECONDS if every else ABORT_GRACE_SECONDS)
         status = report(exc)
         group.abort(status)
         raise  # not reached: abort ends the process
@@ -199,8 +205,16 @@ def check_in_sync(group: ProcessGroup, flat: np.ndarray, step: int) -> None:
     digests = group.allgather(params_digest(flat))
     bad = [r for r, d in enumerate(digests) if d != digests[0]]
     if bad:
-        raise DistributedError(
-            f"the parameters of rank(s) {bad} differ from rank 0's after step {step} "
-            f"({group.size} ranks): the ranks no longer train the same model; training "
-            "stopped before writing anything of this step (resume from the last checkpoint)"
+        raise every_rank(
+            DistributedError(
+                f"the parameters of rank(s) {bad} differ from rank 0's after step {step} "
+                f"({group.size} ranks): the ranks no longer train the same model; training "
+                "stopped before writing anything of this step (resume from the last checkpoint)"
+            )
         )
+
+
+def every_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised by every rank at the same point (see ``run_ranks``)."""
+    exc.every_rank = True  # type: ignore[attr-defined]
+    return exc

@@ -138,7 +138,10 @@ class Trainer:
         total, ce, aux = (float(x) for x in terms)
         grad_norm = clip_grad_norm(self.model.flat_grads, cfg.grad_clip, self._global_norm)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
-            raise self._non_finite(t, f"loss={total!r}, grad_norm={grad_norm!r}")
+            error = self._non_finite(t, f"loss={total!r}, grad_norm={grad_norm!r}")
+            if self.group is not None:  # reduced values: every rank raises it here
+                error.every_rank = True  # type: ignore[attr-defined]
+            raise error
         self.optimizer.step(lr)
         self.step = t + 1
         return {"step": t, "loss": total, "ce": ce, "aux": aux, "grad_norm": grad_norm, "lr": lr}

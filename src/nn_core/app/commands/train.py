@@ -370,13 +370,26 @@ def share_run(group: Any, run: Run, todo: int, threads: int | None) -> None:
     from ...training.replicas import share_trainer
 
     tcfg = run.trainer.config
-    splits = [np.ascontiguousarray(run.data.train), np.ascontiguousarray(run.data.val)]
+    splits = [run.data.train, run.data.val]
+    maps = [file_window(a) for a in splits]  # a prepared dataset: each rank maps the file
     shape = {"batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "seed": tcfg.seed}
     tokens = [(a.shape, a.dtype.str) for a in splits]
-    group.broadcast({"todo": todo, "threads": threads, "tokens": tokens, **shape})
-    for array in splits:
-        group.broadcast_array(array)
+    group.broadcast({"todo": todo, "threads": threads, "tokens": tokens, "maps": maps, **shape})
+    for array, mapped in zip(splits, maps):
+        if mapped is None:
+            group.broadcast_array(np.ascontiguousarray(array))
     share_trainer(group, run.trainer)
+
+
+def file_window(a: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of a contiguous view of a memory-mapped file, else None."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not (isinstance(root, np.memmap) and root.filename and a.flags.c_contiguous):
+        return None
+    start = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return str(root.filename), int(root.offset + start)
 
 
 def follow(args: argparse.Namespace, group: Any) -> int:
@@ -386,7 +399,12 @@ def follow(args: argparse.Namespace, group: Any) -> int:
     from ...training.replicas import receive_trainer
 
     job = group.broadcast(None)
-    train_ids, val_ids = (group.broadcast_array(np.empty(*t)) for t in job["tokens"])
+    train_ids, val_ids = (
+        group.broadcast_array(np.empty(shape, dtype))
+        if mapped is None
+        else np.memmap(mapped[0], dtype, mode="r", offset=mapped[1], shape=shape)
+        for (shape, dtype), mapped in zip(job["tokens"], job["maps"])
+    )
     b, s = job["batch_size"], job["seq_len"]
     sampler = BatchSampler(train_ids, b, s, job["seed"])
     trainer = receive_trainer(group, sampler)
