@@ -57,6 +57,9 @@ class TrainConfig(DictConfig):
     keep_checkpoints: int = 3  # newest step checkpoints kept in a run directory
     seed: int = 42  # seed of the trainer's np.random.Generator (saved with checkpoints)
     kernels: str = "numpy"  # AdamW and gradient norm: "numpy" (reference) or "numba" (fused)
+    # M: the batch_size rows of an update run as M micro-batches of batch_size / M rows
+    # (gradients summed, one AdamW step): the same update, in 1/M of the activation memory
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
         ints = {  # name -> smallest allowed value
@@ -68,10 +71,16 @@ class TrainConfig(DictConfig):
             "checkpoint_interval": 0,
             "keep_checkpoints": 1,
             "seed": 0,
+            "grad_accum_steps": 1,
         }
         for name, low in ints.items():
             check_int(getattr(self, name), name, low)
         check_choice(self.kernels, "kernels", KERNELS)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"grad_accum_steps must divide batch_size ({self.batch_size}) into equal "
+                f"micro-batches, got {self.grad_accum_steps}"
+            )
         if self.warmup_steps >= self.total_steps:
             raise ConfigError(
                 f"warmup_steps must be < total_steps ({self.total_steps}), got {self.warmup_steps}"

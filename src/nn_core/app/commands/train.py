@@ -5,6 +5,7 @@ nn-core train --data FILE --config small --set lr=1e-3 --steps 5000 --out DIR
 nn-core train --resume --out DIR     continue DIR/latest exactly (weights, AdamW, data)
 nn-core train --steps 3000 --stop-at 1000    stop early; --resume later continues the
                                      same schedule, bit for bit as one straight run
+mpiexec -n 2 nn-core train ...       the same run over 2 processes (docs/distributed.md)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError, ConfigError, OutputError
 from ...model.config import Config
 from ...training.config import DEFAULT_RUN, resolve_run_config
 from ..options import (
@@ -329,6 +330,11 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...training.distributed import world
+
+    group = world()  # mpiexec -n R with R > 1: data parallelism (None: this process alone)
+    if group is not None:
+        return run_ranks(args, group)
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
     r = resumed_run(args) if args.resume else new_run(args)
@@ -336,7 +342,99 @@ def run(args: argparse.Namespace) -> int:
         return train(args, r)
 
 
-def train(args: argparse.Namespace, run: Run) -> int:
+# ---- mpiexec -n R nn-core train ... (nn_core.training.distributed; docs/distributed.md) ----
+
+
+def run_ranks(args: argparse.Namespace, group: Any) -> int:
+    """Rank 0 runs the command as one process would (run directory, lock, messages,
+    metrics, checkpoints, plots) and sends its starting state to the other ranks, which
+    train beside it and write nothing. An error on any rank ends all of them."""
+    from ...training.distributed import run_ranks as run_guarded
+
+    def main() -> int:
+        if group.rank != 0:
+            return follow(args, group)
+        if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
+            raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
+        r = resumed_run(args) if args.resume else new_run(args)
+        with r.dir:
+            return train(args, r, group)
+
+    return run_guarded(group, main, lambda exc: report_rank_error(exc, group))
+
+
+def share_run(group: Any, run: Run, todo: int, threads: int | None) -> None:
+    """Rank 0: what the other ranks need to train beside it (``follow``): the token ids
+    of both splits as rank 0 read and tokenized them (so no other rank reads the data),
+    the sampler's shape and the trainer's whole state."""
+    from ...training.replicas import share_trainer
+
+    tcfg = run.trainer.config
+    splits = [run.data.train, run.data.val]
+    maps = [file_window(a) for a in splits]  # a prepared dataset: each rank maps the file
+    shape = {"batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "seed": tcfg.seed}
+    tokens = [(a.shape, a.dtype.str) for a in splits]
+    group.broadcast({"todo": todo, "threads": threads, "tokens": tokens, "maps": maps, **shape})
+    for array, mapped in zip(splits, maps):
+        if mapped is None:
+            group.broadcast_array(np.ascontiguousarray(array))
+    share_trainer(group, run.trainer)
+
+
+def file_window(a: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of a contiguous view of a memory-mapped file, else None."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not (isinstance(root, np.memmap) and root.filename and a.flags.c_contiguous):
+        return None
+    start = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return str(root.filename), int(root.offset + start)
+
+
+def follow(args: argparse.Namespace, group: Any) -> int:
+    """A rank other than 0: the same updates and evaluations as rank 0, writing nothing."""
+    from ...data.dataset import BatchSampler, eval_batches
+    from ...model.blas import blas_threads
+    from ...training.replicas import receive_trainer
+
+    job = group.broadcast(None)
+    train_ids, val_ids = (
+        group.broadcast_array(np.empty(shape, dtype))
+        if mapped is None
+        else np.memmap(mapped[0], dtype, mode="r", offset=mapped[1], shape=shape)
+        for (shape, dtype), mapped in zip(job["tokens"], job["maps"])
+    )
+    b, s = job["batch_size"], job["seq_len"]
+    sampler = BatchSampler(train_ids, b, s, job["seed"])
+    trainer = receive_trainer(group, sampler)
+    with blas_threads(job["threads"]):
+        trainer.fit(sampler, job["todo"], eval_batches=eval_batches(val_ids, b, s, EVAL_BATCHES))
+        trainer.evaluate(eval_batches(val_ids, b, s, FINAL_EVAL_BATCHES))
+    return 0
+
+
+def report_rank_error(exc: BaseException, group: Any) -> int:
+    """Print an error of this rank in one line (as the command line does); its status."""
+    from ...errors import NNCoreError
+
+    where = f" (rank {group.rank} of {group.size})"
+    if isinstance(exc, KeyboardInterrupt):
+        note(f"interrupted{where}")
+        return 130
+    if not isinstance(exc, (UsageError, ConfigError, NNCoreError, OSError, MemoryError)):
+        import traceback
+
+        traceback.print_exception(exc)
+        return 1
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}"
+    print(f"{PROG}: error{where}: {message}", file=sys.stderr, flush=True)
+    return 2 if isinstance(exc, (UsageError, ConfigError, OutputError)) else 1
+
+
+def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
     from ...data.dataset import eval_batches, unigram_entropy
     from ...data.tokenizer import ByteTokenizer
     from ...model.blas import blas_threads
@@ -351,20 +449,24 @@ def train(args: argparse.Namespace, run: Run) -> int:
     )
     stop = tcfg.total_steps if args.stop_at is None else args.stop_at
     todo = max(0, stop - trainer.step)
-    threads = "chosen per product size" if args.threads is None else f"at most {args.threads}"
+    n_threads = 1 if group is not None and args.threads is None else args.threads
+    if group is not None:  # the other ranks start from this state (docs/distributed.md)
+        share_run(group, run, todo, n_threads)
+    threads = "chosen per product size" if n_threads is None else f"at most {n_threads}"
+    ranks = "" if group is None else f" over {group.size} ranks"
     say(
         f"model: {run.config_name}, {human(cfg.total_params())} parameters "
         f"({human(cfg.active_params())} active per token)\n"
         f"data: {run.data_desc}; {ds.train.size:,} train / {ds.val.size:,} validation tokens\n"
         f"unigram entropy of the corpus: {entropy:.4f} nats/token\n"
         f"training: {todo} updates (to step {stop} of {tcfg.total_steps}), batch "
-        f"{tcfg.batch_size} x {tcfg.seq_len}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, "
+        f"{tcfg.batch_size} x {tcfg.seq_len}{ranks}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, "
         f"cosine), BLAS threads {threads}\n"
         f"run directory: {out.path}"
     )
     val_batches = eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, EVAL_BATCHES)
     start = time.perf_counter()
-    with blas_threads(args.threads):
+    with blas_threads(n_threads):
         try:
             trainer.fit(run.sampler, todo, eval_batches=val_batches, progress=not args.quiet)
         except KeyboardInterrupt:
