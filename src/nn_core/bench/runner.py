@@ -271,9 +271,9 @@ def run_scenario(
     cap is the caller's limit the library obeys. The parallel axis runs on the executor
     its params name (``scenarios.PARALLEL_EXECUTOR`` for the suite), fixed before
     measuring; if that executor cannot run here the scenario fails (no fallback).
-    ``train_options``: TrainConfig fields of every trainer (default DEFAULT_TRAIN_OPTIONS).
+    ``train_options``: TrainConfig fields of every trainer (default: none, TrainConfig's own).
     """
-    options = dict(DEFAULT_TRAIN_OPTIONS if train_options is None else train_options)
+    options = dict(train_options or {})
     params: dict[str, Any] = {k: v for k, v in sc.params.items() if k != "known_flops"}
     semantics = params.pop("parallel_semantics", None)  # a scenario-level field
     params.setdefault("seed", SEED)
@@ -404,9 +404,6 @@ def prime(scenarios: list[Scenario], train_options: dict[str, Any], train: bool)
     return time.perf_counter_ns() - t0
 
 
-DEFAULT_TRAIN_OPTIONS = {"kernels": "numba"}  # fused AdamW/norm: 4x faster train steps (tiny)
-
-
 @dataclass
 class RunOptions:
     """How a run measures (the CLI flags)."""
@@ -417,8 +414,8 @@ class RunOptions:
     bandwidth_bytes: int = DEFAULT_BANDWIDTH_MIB << 20
     floor: bool = True
     blas_threads: int | None = None  # BLAS threads for the whole run (None: auto per scenario)
-    # TrainConfig overrides; the fused AdamW/norm kernels by default (README: measured)
-    train_options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAIN_OPTIONS))
+    # TrainConfig overrides (--set); none by default: trainers are what a library user gets
+    train_options: dict[str, Any] = field(default_factory=dict)
     isolate: bool = False  # each scenario in a fresh interpreter (per-scenario RSS, imports)
     floor_rates: FloorRates | None = None  # given: reuse instead of measuring (isolated child)
 
@@ -611,12 +608,11 @@ def progress_line(rec: dict[str, Any]) -> str:
 
 
 def train_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE overrides of TrainConfig fields (the one syntax: ``parse_assignment``) on
-    top of DEFAULT_TRAIN_OPTIONS, validated by building a TrainConfig."""
+    """KEY=VALUE overrides of TrainConfig fields (the one syntax: ``parse_assignment``),
+    validated by building a TrainConfig."""
     from ..model.config import parse_assignment
     from ..training.config import TrainConfig
 
-    out: dict[str, Any] = dict(DEFAULT_TRAIN_OPTIONS)
-    out.update(parse_assignment(item) for item in items)
+    out: dict[str, Any] = dict(parse_assignment(item) for item in items)
     TrainConfig.from_dict(out)  # unknown field / bad value: ConfigError now, not mid-run
     return out

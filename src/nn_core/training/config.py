@@ -56,7 +56,7 @@ class TrainConfig(DictConfig):
     checkpoint_interval: int = 1000  # checkpoint after every this many updates (0: end only)
     keep_checkpoints: int = 3  # newest step checkpoints kept in a run directory
     seed: int = 42  # seed of the trainer's np.random.Generator (saved with checkpoints)
-    kernels: str = "numpy"  # AdamW and gradient norm: "numpy" (reference) or "numba" (fused)
+    kernels: str = "numba"  # AdamW and gradient norm: "numba" (fused) or "numpy" (reference)
     # M: the batch_size rows of an update run as M micro-batches of batch_size / M rows
     # (gradients summed, one AdamW step): the same update, in 1/M of the activation memory
     grad_accum_steps: int = 1
