@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ...data.tokenizer import tokenizer_files
 from ...errors import CheckpointError, ConfigError
 from ...model.config import Config
 from ...training.config import DEFAULT_RUN, resolve_run_config
@@ -35,6 +36,7 @@ from ..options import (
 )
 from ..run_dir import LOSS_CURVE_FILE, SAMPLE_FILE, SUMMARY_FILE, TOKENIZER_FILE, RunDir
 
+DEFAULT_TOKENIZER = "bpe"  # measured against bytes at equal wall time: docs/interop.md
 EVAL_BATCHES = 16  # validation batches per periodic evaluation
 FINAL_EVAL_BATCHES = 256  # at most this many for the final number (the whole default val split)
 SAMPLE_TOKENS = 200  # length of the sample printed at the end of training
@@ -70,7 +72,8 @@ def add(sub: Any) -> None:
         "train",
         help="train a model on a text file (default: tiny config, default corpus)",
         description=(
-            "Train on UTF-8 text with the byte tokenizer. With no options: the tiny config "
+            "Train on UTF-8 text (a byte-level BPE or bytes: --tokenizer). With no options: "
+            "the tiny config "
             "on the default corpus (Python standard-library source) for "
             f"{DEFAULT_RUN['total_steps']} steps of {DEFAULT_RUN['batch_size']} x "
             f"{DEFAULT_RUN['seq_len']} tokens. Precedence: preset < config file < --set "
@@ -142,6 +145,18 @@ def add(sub: Any) -> None:
         help=f"length of the sample printed at the end (default {SAMPLE_TOKENS})",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tokenizer",
+        metavar="byte|bpe|FILE",
+        help=f"bytes, a byte-level BPE trained on the training split with the config's "
+        f"vocab_size, or a tokenizer.json (default {DEFAULT_TOKENIZER}; fixed for the run)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from these weights (a model directory, e.g. from nn-core import, or a "
+        "run) instead of random ones: fine-tuning; the config and tokenizer are its own",
+    )
     p.set_defaults(run=run)
 
 
@@ -155,6 +170,8 @@ class Run:
     sampler: Any  # nn_core.data.BatchSampler over the train split
     data: Any  # nn_core.data.TokenDataset
     data_desc: str
+    tokenizer: Any = None  # the run's tokenizer (None: bytes)
+    val_bytes: int = 0  # UTF-8 bytes of the validation split (for bits per byte)
 
     @property
     def data_label(self) -> str:
@@ -182,35 +199,35 @@ def check_allocatable(cfg: Config) -> None:
 def new_run(args: argparse.Namespace) -> Run:
     from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
-    from ...data.tokenizer import ByteTokenizer
     from ...model.transformer import MoETransformer
     from ...storage.checkpoint import atomic_write_file
     from ...training.trainer import Trainer
 
-    tokenizer = ByteTokenizer()
+    init = _init_model(args)
     explicit = {field: getattr(args, dest) for dest, field in EXPLICIT.items()}
     overrides = {k: v for k, v in explicit.items() if v is not None}
     cfg, config_name, tcfg = resolve_run_config(args.config, args.set, overrides)
+    if init is not None:
+        cfg, config_name = init[0].config, f"init from {args.init}"
     if tcfg.seq_len > cfg.max_seq_len:
         raise ConfigError(f"seq_len must be <= max_seq_len {cfg.max_seq_len}, got {tcfg.seq_len}")
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"vocab_size must be >= {tokenizer.vocab_size} for the byte tokenizer, "
-            f"got {cfg.vocab_size}"
-        )
     if args.stop_at is not None and args.stop_at > tcfg.total_steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
     check_allocatable(cfg)
     RunDir.check_new(args.out, args.force)  # before any work
     val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
     text, data_desc, ds = load_corpus(args.data, val_fraction)
+    tokenizer, ds, val_bytes = _run_tokenizer(args, init, text, ds, val_fraction, cfg.vocab_size)
     sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
     eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
     run_dir = RunDir.create(args.out, config_name, args.force)
     try:
         model = MoETransformer(cfg, seed=tcfg.seed)
+        if init is not None:
+            np.copyto(model.flat_params, init[0].flat_params, casting="same_kind")
         trainer = Trainer(model, tcfg, out_dir=run_dir.path, data_source=sampler)
-        atomic_write_file(run_dir.file(TOKENIZER_FILE), tokenizer.save)
+        for name, content in tokenizer_files(tokenizer).items():
+            atomic_write_file(run_dir.file(name), lambda tmp, c=content: tmp.write_text(c))
         run_dir.write_run_info(
             config_name=config_name,
             config=cfg,
@@ -227,13 +244,57 @@ def new_run(args: argparse.Namespace) -> Run:
     except BaseException:
         run_dir.release()
         raise
-    return Run(run_dir, config_name, trainer, sampler, ds, data_desc)
+    return Run(run_dir, config_name, trainer, sampler, ds, data_desc, tokenizer, val_bytes)
+
+
+def _init_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """(model, its tokenizer or None) of ``--init``; --config / --set cannot change it."""
+    if args.init is None:
+        return None
+    from ...storage.checkpoint import load_model
+    from ...storage.hf import run_tokenizer
+
+    if args.config is not None or args.set:
+        raise UsageError("--config / --set cannot change the model of --init (its config)")
+    return load_model(args.init), run_tokenizer(args.init)
+
+
+def _run_tokenizer(
+    args: argparse.Namespace, init: Any, text: str, ds: Any, val_fraction: float, vocab: int
+) -> tuple[Any, Any, int]:
+    """(tokenizer, dataset, validation bytes) of a new run: --tokenizer (BPE trained on the
+    training split only), or --init's tokenizer (a different --tokenizer is refused)."""
+    from ...data.dataset import TokenDataset
+    from ...data.tokenizer import (
+        ByteTokenizer,
+        check_same_tokenizer,
+        choose_tokenizer,
+        split_text,
+        tokenize_splits,
+    )
+
+    spec = args.tokenizer
+    if init is not None:
+        tokenizer = init[1] or ByteTokenizer()
+        if spec is not None:
+            given = choose_tokenizer(spec, split_text(text, val_fraction)[0], vocab)
+            check_same_tokenizer(tokenizer, given, str(args.init))
+    else:
+        spec = DEFAULT_TOKENIZER if spec is None else spec
+        tokenizer = choose_tokenizer(spec, split_text(text, val_fraction)[0], vocab)
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"vocab_size must be >= {tokenizer.vocab_size}, got {vocab}")
+    if isinstance(tokenizer, ByteTokenizer):  # the corpus' own byte split, as always
+        return tokenizer, ds, int(ds.val.size)
+    train, val, val_bytes = tokenize_splits(text, tokenizer, val_fraction)
+    return tokenizer, TokenDataset(train, val), val_bytes
 
 
 def resumed_run(args: argparse.Namespace) -> Run:
     given = [flag for dest, flag in FIXED_ON_RESUME.items() if getattr(args, dest) is not None]
     given += ["--set"] if args.set else []
     given += ["--force"] if args.force else []
+    given += ["--init"] if args.init else []
     if given:
         raise UsageError(
             f"{', '.join(given)} cannot change when resuming (the run's settings are in "
@@ -260,6 +321,7 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
             f"the training text {info.data_source or '(default corpus)'} changed since the run "
             "started (SHA-256 differs): an exact resume needs the same data"
         )
+    tokenizer, ds, val_bytes = _resumed_tokenizer(args, run_dir, text, ds, info.val_fraction)
     saved = info.train_config
     try:
         sampler = BatchSampler(ds.train, saved["batch_size"], saved["seq_len"], saved["seed"])
@@ -295,7 +357,32 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
         )
     run_dir.truncate_metrics(trainer.step)
     say(f"resuming {run_dir.path} at step {trainer.step} of {trainer.config.total_steps}")
-    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc)
+    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc, tokenizer, val_bytes)
+
+
+def _resumed_tokenizer(
+    args: argparse.Namespace, run_dir: RunDir, text: str, ds: Any, val_fraction: float
+) -> tuple[Any, Any, int]:
+    """The run's saved tokenizer and its dataset; a different --tokenizer is refused."""
+    from ...data.dataset import TokenDataset
+    from ...data.tokenizer import (
+        ByteTokenizer,
+        check_same_tokenizer,
+        choose_tokenizer,
+        load_tokenizer,
+        split_text,
+        tokenize_splits,
+    )
+
+    path = run_dir.file(TOKENIZER_FILE)
+    tokenizer = load_tokenizer(path) if path.is_file() else ByteTokenizer()
+    if args.tokenizer is not None:
+        given = choose_tokenizer(args.tokenizer, split_text(text, val_fraction)[0], 1 << 62)
+        check_same_tokenizer(tokenizer, given, str(run_dir.path))
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer, ds, int(ds.val.size)
+    train, val, val_bytes = tokenize_splits(text, tokenizer, val_fraction)
+    return tokenizer, TokenDataset(train, val), val_bytes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -352,7 +439,8 @@ def train(args: argparse.Namespace, run: Run) -> int:
         f"batch {tcfg.batch_size} x {tcfg.seq_len}",
         final_val_ce=final["val_ce"],
     )
-    tokenizer = ByteTokenizer()
+    tokenizer = run.tokenizer or ByteTokenizer()
+    bits = final["val_ce"] / np.log(2) * ds.val.size / max(run.val_bytes, 1)  # bits per byte
     sample = ""
     if args.sample_tokens:
         sample = training_sample(model, tokenizer, ds, run.data_desc, args.sample_tokens)
@@ -363,6 +451,8 @@ def train(args: argparse.Namespace, run: Run) -> int:
         f"validation cross-entropy: {final['val_ce']:.4f} nats/token "
         f"(with aux loss {final['val_loss']:.4f}); unigram entropy: {entropy:.4f} "
         f"({final['val_ce'] - entropy:+.4f} nats, {final['val_ce'] / entropy:.0%} of it)\n"
+        f"validation bits per byte: {bits:.4f} (tokenizer {tokenizer.to_dict()['type']}, "
+        f"{tokenizer.vocab_size} tokens)\n"
         f"checkpoint: {trainer.last_checkpoint}\nloss curve: {png}"
     )
     if sample:
@@ -379,6 +469,8 @@ def train(args: argparse.Namespace, run: Run) -> int:
             "seconds_this_session": elapsed,
             "unigram_entropy": entropy,
             **final,
+            "val_bits_per_byte": float(bits),
+            "tokenizer": tokenizer.to_dict(),
             "checkpoint": str(trainer.last_checkpoint),
             "sample": sample,
         },
