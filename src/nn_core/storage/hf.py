@@ -240,7 +240,11 @@ def nn_core_config(hf: dict[str, Any], where: Path) -> tuple[Config, bool]:
     arch = hf.get("architectures", [ARCHITECTURE])
     if arch != [ARCHITECTURE]:
         raise _refuse(where, "architectures", arch, f"only [{ARCHITECTURE!r}] is known")
-    get = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}.get
+    fields: dict[str, Any] = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+
+    def get(key: str, default: Any = None) -> Any:
+        return fields.get(key, default)
+
     checks: list[tuple[str, Any, Callable[[Any], bool], str]] = [
         ("hidden_act", get("hidden_act", "silu"), lambda v: v == "silu", "experts are SwiGLU"),
         ("attention_bias", get("attention_bias", False), lambda v: not v, "no biases"),
@@ -253,38 +257,41 @@ def nn_core_config(hf: dict[str, Any], where: Path) -> tuple[Config, bool]:
     for field, value, ok, why in checks:
         if not ok(value):
             raise _refuse(where, field, value, why)
-    max_len = int(get("max_position_embeddings"))
-    window = hf.get("sliding_window")
-    if window is not None and window < max_len:
-        raise _refuse(
-            where, "sliding_window", window, f"attention is full-length (max {max_len} positions)"
-        )
     rope = hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise _refuse(where, "rope_parameters", rope, "must be an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise _refuse(where, "rope_parameters.rope_type", rope_type, "plain RoPE only")
-    theta = rope.get("rope_theta", get("rope_theta"))
-    n_heads = int(get("num_attention_heads"))
-    head_dim = hf.get("head_dim") or int(get("hidden_size")) // n_heads
     try:
+        max_len = int(get("max_position_embeddings"))
+        window = hf.get("sliding_window")
+        if window is not None and int(window) < max_len:
+            raise _refuse(
+                where, "sliding_window", window, f"attention is full-length ({max_len} positions)"
+            )
+        n_heads = int(get("num_attention_heads"))
+        n_kv = (
+            n_heads if "num_key_value_heads" in hf and hf["num_key_value_heads"] is None else None
+        )
         cfg = Config(
             hidden_dim=get("hidden_size"),
             n_layers=get("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=get("num_key_value_heads", n_heads),
-            head_dim=head_dim,
+            n_kv_heads=n_kv or get("num_key_value_heads"),
+            head_dim=hf.get("head_dim") or int(get("hidden_size")) // n_heads,
             n_experts=get("num_local_experts"),
             top_k_experts=get("num_experts_per_tok"),
             ffn_dim=get("intermediate_size"),
             vocab_size=get("vocab_size"),
             max_seq_len=max_len,
-            rope_base=float(theta),
+            rope_base=float(rope.get("rope_theta", get("rope_theta"))),
             rope_alpha=1.0,
             rms_eps=float(get("rms_norm_eps")),
         )
-    except (ConfigError, TypeError, ValueError) as exc:
+    except CheckpointError:
+        raise
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     return cfg, bool(hf.get("tie_word_embeddings", False))
 

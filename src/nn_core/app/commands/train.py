@@ -200,7 +200,6 @@ def new_run(args: argparse.Namespace) -> Run:
     from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
     from ...model.transformer import MoETransformer
-    from ...storage.checkpoint import atomic_write_file
     from ...training.trainer import Trainer
 
     init = _init_model(args)
@@ -227,7 +226,7 @@ def new_run(args: argparse.Namespace) -> Run:
             np.copyto(model.flat_params, init[0].flat_params, casting="same_kind")
         trainer = Trainer(model, tcfg, out_dir=run_dir.path, data_source=sampler)
         for name, content in tokenizer_files(tokenizer).items():
-            atomic_write_file(run_dir.file(name), lambda tmp, c=content: tmp.write_text(c))
+            run_dir.write_text(name, content)
         run_dir.write_run_info(
             config_name=config_name,
             config=cfg,
