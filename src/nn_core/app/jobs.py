@@ -189,8 +189,8 @@ def _prepare_checkpoint(checkpoint: PathLike, tokenizer: Tokenizer) -> tuple[str
         raise CheckpointError(f"{ckpt}: invalid config in {STATE_FILE}: {exc}") from exc
     if config.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(
-            f"{ckpt}: vocab_size {config.vocab_size} is smaller than its tokenizer's "
-            f"{tokenizer.vocab_size}"
+            f"{ckpt}: vocab_size {config.vocab_size} is smaller than the "
+            f"{tokenizer.to_dict()['type']} tokenizer's {tokenizer.vocab_size}"
         )
     return str(ckpt), config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..options import human, say
+from ..options import human, note, say
 
 
 def add(sub: Any) -> None:
@@ -52,4 +52,12 @@ def run(args: argparse.Namespace) -> int:
     check_file_output(args.out, overwrite=args.force, force="--force")
     out = export_weights(args.checkpoint, args.out, overwrite=args.force)
     say(f"wrote {out} ({human(out.stat().st_size)}B)")
+    from ...storage.hf import run_tokenizer
+
+    tokenizer = run_tokenizer(args.checkpoint)
+    if tokenizer is not None and tokenizer.to_dict()["type"] != "byte":
+        note(
+            f"the run's tokenizer ({tokenizer.vocab_size} tokens) is not in a weights file; "
+            "keep its tokenizer.json beside it, or export with --format hf"
+        )
     return 0

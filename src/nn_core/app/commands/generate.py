@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ def find_tokenizer(checkpoint: Path) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from ...data.corpus import load_text
+    from ...data.tokenizer import StreamDecoder
     from ...inference.generate import generate_batch, stream
     from ...inference.sampling import make_strategy
     from ...storage.checkpoint import load_model, resolve_checkpoint
@@ -105,14 +105,14 @@ def run(args: argparse.Namespace) -> int:
             header(i)
             out.write(tokenizer.decode(prompt))
             out.flush()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            decoder = StreamDecoder(tokenizer)  # any tokenizer; held back: partial UTF-8
             rng = np.random.default_rng(seed)
             for tok in stream(
                 model, prompt, args.max_new_tokens, strategy, rng=rng, vocab_limit=limit
             ):
-                out.write(decoder.decode(bytes([tok])) if tok < 256 else "")  # bytes only
+                out.write(decoder.feed(tok))
                 out.flush()
-            out.write(decoder.decode(b"", final=True) + "\n")
+            out.write(decoder.final() + "\n")
             out.flush()
         return 0
     rows = generate_batch(  # all samples decoded together, each with its own generator
