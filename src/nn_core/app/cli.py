@@ -48,10 +48,10 @@ from collections.abc import Sequence
 
 from ..errors import ConfigError, NNCoreError, OutputError
 from ..version import __version__
-from .commands import bench, convergence, evaluate, export, generate, import_, info, train
+from .commands import bench, convergence, evaluate, export, generate, import_, info, prepare, train
 from .options import PROG, Parser, UsageError
 
-COMMANDS = [train, generate, evaluate, export, import_, info, bench, convergence]
+COMMANDS = [train, generate, evaluate, export, import_, info, bench, convergence, prepare]
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports
 
 

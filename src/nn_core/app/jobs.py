@@ -45,8 +45,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..checks import check_int
-from ..data.corpus import load_text
 from ..data.dataset import eval_batches
+from ..data.prepared import evaluation_tokens
 from ..data.tokenizer import ByteTokenizer, Tokenizer
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inference.sampling import SamplingStrategy, make_strategy
@@ -251,8 +251,7 @@ def evaluate_file(
     batch_size = check_int(batch_size, "batch_size", 1)
     if max_batches is not None:
         max_batches = check_int(max_batches, "max_batches", 1)
-    text = load_text(data_file)
-    ids = tokenizer.encode(text)  # [T]
+    ids = evaluation_tokens(data_file, tokenizer)  # [T]: a file, a directory or prepared
     if ids.size < seq_len + 1:
         raise InputError(
             f"data file {data_file} has {ids.size} tokens; seq_len={seq_len} needs at least "
@@ -270,10 +269,15 @@ def evaluate_file(
         "loss": loss,
         "perplexity": math.exp(loss),
         # bits per byte = loss / ln 2 * tokens / bytes of the file: comparable across tokenizers
-        "bits_per_byte": loss / math.log(2) * ids.size / len(text.encode("utf-8")),
+        "bits_per_byte": loss / math.log(2) * ids.size / _n_bytes(tokenizer, ids),
         "tokens": tokens,
         "batches": len(batches),
     }
+
+
+def _n_bytes(tokenizer: Tokenizer, ids: Any) -> int:
+    """UTF-8 bytes the ids stand for (byte-level tokenizers decode exactly)."""
+    return max(len(tokenizer.decode(np.asarray(ids, np.int64)).encode("utf-8")), 1)
 
 
 def generate_many(

@@ -35,7 +35,8 @@ DEFAULT_RUN: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class TrainConfig(DictConfig):
-    """Training hyper-parameters; SPEC.md section 3 defaults. Validated on construction."""
+    """Training hyper-parameters; the suite's defaults (docs/training.md, TrainConfig).
+    Validated on construction."""
 
     KIND = "train config"  # how errors name it (not a field: no annotation)
 
@@ -49,7 +50,7 @@ class TrainConfig(DictConfig):
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
-    weight_decay: float = 0.1  # decoupled weight decay, applied to every parameter (SPEC)
+    weight_decay: float = 0.1  # decoupled weight decay, every parameter (docs/training.md)
     activation_checkpointing: bool = False  # recompute block internals in the backward
     eval_interval: int = 500  # evaluate after every this many updates (0: never)
     checkpoint_interval: int = 1000  # checkpoint after every this many updates (0: end only)

@@ -47,6 +47,8 @@ DEFAULT_CORPUS_PROMPT = "def "
 FIXED_ON_RESUME = {
     "config": "--config",
     "data": "--data",
+    "glob": "--glob",
+    "skip_bad": "--skip-bad",
     "batch_size": "--batch-size",
     "seq_len": "--seq-len",
     "lr": "--lr",
@@ -82,7 +84,17 @@ def add(sub: Any) -> None:
     )
     add_config_options(p, "model or train config")
     p.add_argument(
-        "--data", metavar="FILE", help="UTF-8 text file to train on (default: the default corpus)"
+        "--data",
+        metavar="PATH",
+        help="a UTF-8 text file, a directory of them (recursive) or a prepared dataset "
+        "(nn-core prepare) to train on (default: the default corpus)",
+    )
+    p.add_argument("--glob", metavar="PATTERN", help="with a directory: only files matching it")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="with a directory: skip unreadable, empty or non-UTF-8 files (listed)",
     )
     p.add_argument(
         "--steps", type=pos_int, metavar="N", help="total updates (the LR schedule's length)"
@@ -172,6 +184,7 @@ class Run:
     data_desc: str
     tokenizer: Any = None  # the run's tokenizer (None: bytes)
     val_bytes: int = 0  # UTF-8 bytes of the validation split (for bits per byte)
+    source: Any = None  # nn_core.data.prepared.DataSource (its tokenizer, entropy)
 
     @property
     def data_label(self) -> str:
@@ -197,8 +210,8 @@ def check_allocatable(cfg: Config) -> None:
 
 
 def new_run(args: argparse.Namespace) -> Run:
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
+    from ...data.prepared import load_data, report_skipped
     from ...model.transformer import MoETransformer
     from ...training.trainer import Trainer
 
@@ -214,9 +227,12 @@ def new_run(args: argparse.Namespace) -> Run:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
     check_allocatable(cfg)
     RunDir.check_new(args.out, args.force)  # before any work
-    val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
-    text, data_desc, ds = load_corpus(args.data, val_fraction)
-    tokenizer, ds, val_bytes = _run_tokenizer(args, init, text, ds, val_fraction, cfg.vocab_size)
+    data = load_data(
+        args.data, val_fraction=args.val_fraction, glob=args.glob, skip_bad=bool(args.skip_bad)
+    )
+    report_skipped(data, note)
+    data, val_bytes = _run_tokenizer(args, init, data, cfg.vocab_size)
+    ds, data_desc, val_fraction = data.dataset, data.description, data.val_fraction
     sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
     eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
     run_dir = RunDir.create(args.out, config_name, args.force)
@@ -225,7 +241,7 @@ def new_run(args: argparse.Namespace) -> Run:
         if init is not None:
             np.copyto(model.flat_params, init[0].flat_params, casting="same_kind")
         trainer = Trainer(model, tcfg, out_dir=run_dir.path, data_source=sampler)
-        for name, content in tokenizer_files(tokenizer).items():
+        for name, content in tokenizer_files(data.tokenizer).items():
             run_dir.write_text(name, content)
         run_dir.write_run_info(
             config_name=config_name,
@@ -233,17 +249,21 @@ def new_run(args: argparse.Namespace) -> Run:
             train_config=tcfg,
             data_source=args.data,
             data_description=data_desc,
-            text=text,
+            text=None,
+            data_sha256=data.sha256,
+            data_options={"glob": args.glob, "skip_bad": bool(args.skip_bad), **data.options},
             val_fraction=val_fraction,
             train_tokens=int(ds.train.size),
             val_tokens=int(ds.val.size),
-            tokenizer=tokenizer.to_dict(),
+            tokenizer=data.tokenizer.to_dict(),
             command=[PROG, *(sys.argv[1:] if args.argv is None else args.argv)],
         )
     except BaseException:
         run_dir.release()
         raise
-    return Run(run_dir, config_name, trainer, sampler, ds, data_desc, tokenizer, val_bytes)
+    return Run(
+        run_dir, config_name, trainer, sampler, ds, data_desc, data.tokenizer, val_bytes, data
+    )
 
 
 def _init_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
@@ -258,35 +278,53 @@ def _init_model(args: argparse.Namespace) -> tuple[Any, Any] | None:
     return load_model(args.init), run_tokenizer(args.init)
 
 
-def _run_tokenizer(
-    args: argparse.Namespace, init: Any, text: str, ds: Any, val_fraction: float, vocab: int
-) -> tuple[Any, Any, int]:
-    """(tokenizer, dataset, validation bytes) of a new run: --tokenizer (BPE trained on the
-    training split only), or --init's tokenizer (a different --tokenizer is refused)."""
-    from ...data.dataset import TokenDataset
-    from ...data.tokenizer import (
-        ByteTokenizer,
-        check_same_tokenizer,
-        choose_tokenizer,
-        split_text,
-        tokenize_splits,
-    )
+def _run_tokenizer(args: argparse.Namespace, init: Any, data: Any, vocab: int) -> tuple[Any, int]:
+    """(data in the run's tokens, validation bytes) of a new run: --tokenizer (a BPE is
+    trained on the training split only), --init's tokenizer or a prepared dataset's (a
+    different --tokenizer is refused in one line)."""
+    from ...data.tokenizer import ByteTokenizer, check_same_tokenizer, choose_tokenizer
 
     spec = args.tokenizer
-    if init is not None:
-        tokenizer = init[1] or ByteTokenizer()
-        if spec is not None:
-            given = choose_tokenizer(spec, split_text(text, val_fraction)[0], vocab)
-            check_same_tokenizer(tokenizer, given, str(args.init))
+    fixed = init[1] or ByteTokenizer() if init is not None else None
+    if data.kind == "prepared":
+        if fixed is not None:
+            check_same_tokenizer(fixed, data.tokenizer, str(args.init))
+        fixed, where = data.tokenizer, str(args.data)
     else:
-        spec = DEFAULT_TOKENIZER if spec is None else spec
-        tokenizer = choose_tokenizer(spec, split_text(text, val_fraction)[0], vocab)
+        where = str(args.init)
+    train_text = ByteTokenizer().decode(data.dataset.train) if data.kind != "prepared" else ""
+    if fixed is not None:
+        tokenizer = fixed
+        if spec is not None:
+            check_same_tokenizer(fixed, choose_tokenizer(spec, train_text, 1 << 62), where)
+    else:
+        tokenizer = choose_tokenizer(DEFAULT_TOKENIZER if spec is None else spec, train_text, vocab)
     if tokenizer.vocab_size > vocab:
         raise ConfigError(f"vocab_size must be >= {tokenizer.vocab_size}, got {vocab}")
-    if isinstance(tokenizer, ByteTokenizer):  # the corpus' own byte split, as always
-        return tokenizer, ds, int(ds.val.size)
-    train, val, val_bytes = tokenize_splits(text, tokenizer, val_fraction)
-    return tokenizer, TokenDataset(train, val), val_bytes
+    return retokenized(data, tokenizer)
+
+
+def retokenized(data: Any, tokenizer: Any) -> tuple[Any, int]:
+    """(``data`` read with bytes, now in ``tokenizer``'s ids, its validation bytes): each
+    split is decoded to its text and encoded on its own, so the split stays where bytes
+    put it and nothing of the validation text is in the training ids."""
+    import dataclasses
+
+    from ...data.dataset import TokenDataset, unigram_entropy
+    from ...data.tokenizer import ByteTokenizer
+
+    byte = ByteTokenizer()
+    if data.kind == "prepared" or isinstance(tokenizer, ByteTokenizer):
+        val_bytes = len(data.tokenizer.decode(np.asarray(data.dataset.val)).encode("utf-8"))
+        return data, val_bytes
+    val_text = byte.decode(data.dataset.val)
+    train = tokenizer.encode(byte.decode(data.dataset.train))  # [T_train]
+    val = tokenizer.encode(val_text)  # [T_val]
+    entropy = unigram_entropy(np.concatenate([train, val]))
+    out = dataclasses.replace(
+        data, dataset=TokenDataset(train, val), tokenizer=tokenizer, unigram_entropy=entropy
+    )
+    return out, len(val_text.encode("utf-8"))
 
 
 def resumed_run(args: argparse.Namespace) -> Run:
@@ -308,19 +346,27 @@ def resumed_run(args: argparse.Namespace) -> Run:
 
 
 def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler
+    from ...data.prepared import load_data
     from ...training.trainer import Trainer
-    from ..run_dir import RUN_FILE, sha256_text
+    from ..run_dir import RUN_FILE
 
     info = run_dir.read_run_info()
-    text, data_desc, ds = load_corpus(info.data_source, info.val_fraction)
-    if sha256_text(text) != info.data_sha256:
+    opts = info.data_options or {}
+    data = load_data(
+        info.data_source,
+        val_fraction=info.val_fraction,
+        glob=opts.get("glob"),
+        skip_bad=bool(opts.get("skip_bad")),
+    )
+    ds, data_desc = data.dataset, data.description
+    if data.sha256 != info.data_sha256:
         raise CheckpointError(
             f"the training text {info.data_source or '(default corpus)'} changed since the run "
             "started (SHA-256 differs): an exact resume needs the same data"
         )
-    tokenizer, ds, val_bytes = _resumed_tokenizer(args, run_dir, text, ds, info.val_fraction)
+    data, val_bytes = _resumed_tokenizer(args, run_dir, data)
+    ds = data.dataset
     saved = info.train_config
     try:
         sampler = BatchSampler(ds.train, saved["batch_size"], saved["seq_len"], saved["seed"])
@@ -356,32 +402,30 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
         )
     run_dir.truncate_metrics(trainer.step)
     say(f"resuming {run_dir.path} at step {trainer.step} of {trainer.config.total_steps}")
-    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc, tokenizer, val_bytes)
+    return Run(
+        run_dir, info.config_name, trainer, sampler, ds, data_desc, data.tokenizer, val_bytes, data
+    )
 
 
-def _resumed_tokenizer(
-    args: argparse.Namespace, run_dir: RunDir, text: str, ds: Any, val_fraction: float
-) -> tuple[Any, Any, int]:
-    """The run's saved tokenizer and its dataset; a different --tokenizer is refused."""
-    from ...data.dataset import TokenDataset
+def _resumed_tokenizer(args: argparse.Namespace, run_dir: RunDir, data: Any) -> tuple[Any, int]:
+    """The run's data in its saved tokenizer's ids; a different --tokenizer is refused."""
     from ...data.tokenizer import (
         ByteTokenizer,
         check_same_tokenizer,
         choose_tokenizer,
         load_tokenizer,
-        split_text,
-        tokenize_splits,
     )
 
     path = run_dir.file(TOKENIZER_FILE)
     tokenizer = load_tokenizer(path) if path.is_file() else ByteTokenizer()
     if args.tokenizer is not None:
-        given = choose_tokenizer(args.tokenizer, split_text(text, val_fraction)[0], 1 << 62)
-        check_same_tokenizer(tokenizer, given, str(run_dir.path))
-    if isinstance(tokenizer, ByteTokenizer):
-        return tokenizer, ds, int(ds.val.size)
-    train, val, val_bytes = tokenize_splits(text, tokenizer, val_fraction)
-    return tokenizer, TokenDataset(train, val), val_bytes
+        text = ByteTokenizer().decode(data.dataset.train) if data.kind != "prepared" else ""
+        check_same_tokenizer(
+            tokenizer, choose_tokenizer(args.tokenizer, text, 1 << 62), str(run_dir.path)
+        )
+    if data.kind == "prepared":
+        check_same_tokenizer(tokenizer, data.tokenizer, str(run_dir.path))
+    return retokenized(data, tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -400,7 +444,11 @@ def train(args: argparse.Namespace, run: Run) -> int:
 
     trainer, ds, out = run.trainer, run.data, run.dir
     model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
-    entropy = unigram_entropy(np.concatenate([ds.train, ds.val]))
+    entropy = (
+        run.source.unigram_entropy
+        if run.source is not None
+        else unigram_entropy(np.concatenate([ds.train, ds.val]))
+    )
     stop = tcfg.total_steps if args.stop_at is None else args.stop_at
     todo = max(0, stop - trainer.step)
     threads = "chosen per product size" if args.threads is None else f"at most {args.threads}"
