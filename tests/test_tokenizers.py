@@ -211,3 +211,37 @@ def test_an_unknown_tokenizer_choice_is_one_line(tmp_path, capsys):
         capsys,
     )
     assert code != 0 and "--tokenizer must be byte, bpe or a tokenizer.json" in one_line(err)
+
+
+def test_a_directory_trains_with_bpe_and_a_prepared_dataset_keeps_its_tokenizer(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.py").write_text(CORPUS[i * 4000 : (i + 1) * 4000 + 2000])
+    argv = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-interval", "0"]
+    argv += ["--quiet", "--sample-tokens", "0"]
+    code, out, err = run_cli(["train", "--data", corpus, *argv, "--out", tmp_path / "d"], capsys)
+    assert code == 0, err
+    assert isinstance(load_tokenizer(tmp_path / "d" / "tokenizer.json"), HFTokenizer)
+    resume = ["train", "--resume", "--out", tmp_path / "d", "--steps", "2", "--tokenizer", "bpe"]
+    assert run_cli(resume, capsys)[0] == 0  # the same BPE again: accepted
+    assert run_cli(["prepare", corpus, "--out", tmp_path / "prep"], capsys)[0] == 0  # bytes
+    code, out, err = run_cli(
+        [
+            "train",
+            "--data",
+            tmp_path / "prep",
+            "--tokenizer",
+            "bpe",
+            *argv,
+            "--out",
+            tmp_path / "p",
+        ],
+        capsys,
+    )
+    assert code != 0 and "refusing a different one" in one_line(err)
+    code, out, err = run_cli(
+        ["train", "--data", tmp_path / "prep", *argv, "--out", tmp_path / "p"], capsys
+    )
+    assert code == 0, err
+    assert isinstance(load_tokenizer(tmp_path / "p" / "tokenizer.json"), ByteTokenizer)

@@ -337,7 +337,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     from tokenizers import Tokenizer as _Tok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    vocab_size = check_int(vocab_size, "vocab_size", 258)
+    vocab_size = check_int(vocab_size, "vocab_size", 258, 1 << 24)  # the trainer preallocates
     tok = _Tok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -296,7 +296,7 @@ def _run_tokenizer(args: argparse.Namespace, init: Any, data: Any, vocab: int) -
     if fixed is not None:
         tokenizer = fixed
         if spec is not None:
-            check_same_tokenizer(fixed, choose_tokenizer(spec, train_text, 1 << 62), where)
+            check_same_tokenizer(fixed, choose_tokenizer(spec, train_text, vocab), where)
     else:
         tokenizer = choose_tokenizer(DEFAULT_TOKENIZER if spec is None else spec, train_text, vocab)
     if tokenizer.vocab_size > vocab:
@@ -365,7 +365,8 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
             f"the training text {info.data_source or '(default corpus)'} changed since the run "
             "started (SHA-256 differs): an exact resume needs the same data"
         )
-    data, val_bytes = _resumed_tokenizer(args, run_dir, data)
+    vocab = int(info.config.get("vocab_size", 1000))  # the run's, for a --tokenizer bpe check
+    data, val_bytes = _resumed_tokenizer(args, run_dir, data, vocab)
     ds = data.dataset
     saved = info.train_config
     try:
@@ -407,7 +408,9 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
     )
 
 
-def _resumed_tokenizer(args: argparse.Namespace, run_dir: RunDir, data: Any) -> tuple[Any, int]:
+def _resumed_tokenizer(
+    args: argparse.Namespace, run_dir: RunDir, data: Any, vocab: int
+) -> tuple[Any, int]:
     """The run's data in its saved tokenizer's ids; a different --tokenizer is refused."""
     from ...data.tokenizer import (
         ByteTokenizer,
@@ -421,7 +424,7 @@ def _resumed_tokenizer(args: argparse.Namespace, run_dir: RunDir, data: Any) -> 
     if args.tokenizer is not None:
         text = ByteTokenizer().decode(data.dataset.train) if data.kind != "prepared" else ""
         check_same_tokenizer(
-            tokenizer, choose_tokenizer(args.tokenizer, text, 1 << 62), str(run_dir.path)
+            tokenizer, choose_tokenizer(args.tokenizer, text, vocab), str(run_dir.path)
         )
     if data.kind == "prepared":
         check_same_tokenizer(tokenizer, data.tokenizer, str(run_dir.path))
