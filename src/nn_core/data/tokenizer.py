@@ -424,28 +424,3 @@ def check_same_tokenizer(mine: Tokenizer, theirs: Tokenizer, where: str) -> None
             f"{where} was trained with tokenizer {a['type']} (vocab {a['vocab_size']}); "
             f"refusing a different one ({b['type']}, vocab {b['vocab_size']})"
         )
-
-
-class StreamDecoder:
-    """Text of a token stream as it grows, for printing token by token with any tokenizer:
-    ``feed(id)`` returns the new text; a tail that may be an incomplete UTF-8 character
-    (it decodes to U+FFFD) is held back until the next token or ``final()``. What is
-    printed in all is ``tokenizer.decode`` of the whole stream."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.shown = 0  # characters already returned
-
-    def feed(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(np.asarray(self.ids, np.int64))
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[self.shown :], len(text)
-        return new
-
-    def final(self) -> str:
-        text = self.tokenizer.decode(np.asarray(self.ids, np.int64))
-        new, self.shown = text[self.shown :], len(text)
-        return new
