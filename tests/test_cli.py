@@ -22,6 +22,7 @@ from nn_core.storage.checkpoint import load_model, load_training_checkpoint
 
 TRAIN = ["--batch-size", "4", "--seq-len", "32", "--eval-interval", "8"]
 TRAIN += ["--checkpoint-interval", "8", "--sample-tokens", "16", "--quiet"]
+TRAIN += ["--tokenizer", "byte"]  # prompts and lengths here are counted in bytes
 
 
 def _text() -> str:

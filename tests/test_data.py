@@ -29,6 +29,7 @@ from nn_core.storage.checkpoint import load_model
 TOK = ByteTokenizer()
 TRAIN = ["--batch-size", "4", "--seq-len", "32", "--eval-interval", "0", "--quiet"]
 TRAIN += ["--checkpoint-interval", "2", "--sample-tokens", "0", "--config", "tiny"]
+TRAIN += ["--tokenizer", "byte"]  # token counts here are byte counts
 
 
 def _text(n: int = 200, seed: int = 0) -> str:

@@ -47,7 +47,7 @@ from numpy.typing import NDArray
 from ..checks import check_int
 from ..data.dataset import eval_batches
 from ..data.prepared import evaluation_tokens
-from ..data.tokenizer import ByteTokenizer
+from ..data.tokenizer import ByteTokenizer, Tokenizer
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inference.sampling import SamplingStrategy, make_strategy
 from ..model.config import Config
@@ -172,9 +172,16 @@ def _generate_unit(
 # ---- in the caller: checks, units, executor --------------------------------------------
 
 
-def _prepare_checkpoint(checkpoint: PathLike, tokenizer: ByteTokenizer) -> tuple[str, Config]:
+def _checkpoint_tokenizer(checkpoint: PathLike) -> Tokenizer:
+    """The run's tokenizer (tokenizer.json beside the checkpoint or in its run); else bytes."""
+    from ..storage.hf import run_tokenizer
+
+    return run_tokenizer(checkpoint) or ByteTokenizer()
+
+
+def _prepare_checkpoint(checkpoint: PathLike, tokenizer: Tokenizer) -> tuple[str, Config]:
     """Resolve the checkpoint once (absolute path of the step directory) and read its
-    config without loading the weights; the byte tokenizer's ids must fit its vocab."""
+    config without loading the weights; the tokenizer's ids must fit its vocab."""
     ckpt = Path(os.path.abspath(resolve_checkpoint(checkpoint)))
     try:
         config = Config.from_dict(read_state(ckpt)["config"])
@@ -182,8 +189,8 @@ def _prepare_checkpoint(checkpoint: PathLike, tokenizer: ByteTokenizer) -> tuple
         raise CheckpointError(f"{ckpt}: invalid config in {STATE_FILE}: {exc}") from exc
     if config.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(
-            f"{ckpt}: vocab_size {config.vocab_size} is smaller than the byte tokenizer's "
-            f"{tokenizer.vocab_size}; batch work reads text with the byte tokenizer"
+            f"{ckpt}: vocab_size {config.vocab_size} is smaller than the "
+            f"{tokenizer.to_dict()['type']} tokenizer's {tokenizer.vocab_size}"
         )
     return str(ckpt), config
 
@@ -226,18 +233,19 @@ def evaluate_file(
 ) -> dict[str, float | int]:
     """Mean cross-entropy and perplexity of a checkpoint on a UTF-8 text file.
 
-    The file is read with the byte tokenizer and cut into W = (T-1) // seq_len
-    non-overlapping windows (inputs ids[i:i+S], targets ids[i+1:i+S+1]); with
+    The file is read with the run's tokenizer (bytes if it has none) and cut into
+    W = (T-1) // seq_len non-overlapping windows (inputs ids[i:i+S], targets ids[i+1:i+S+1]); with
     ``max_batches`` only max_batches * batch_size of them, evenly spread
     (``text.eval_batches``). Each batch of ``batch_size`` windows is one work unit.
 
     Returns {"loss": token-weighted mean CE (nats), "perplexity": exp(loss),
+    "bits_per_byte": loss / ln 2 times the file's tokens per byte,
     "tokens": tokens scored, "batches": work units}. ``executor``: any
     concurrent.futures.Executor (default: a local process pool of ``workers``).
     """
     _check_executor(executor)
     workers = check_int(workers, "workers", 1)
-    tokenizer = ByteTokenizer()
+    tokenizer = _checkpoint_tokenizer(checkpoint)
     ckpt, config = _prepare_checkpoint(checkpoint, tokenizer)
     seq_len = check_int(seq_len, "seq_len", 1, config.max_seq_len)
     batch_size = check_int(batch_size, "batch_size", 1)
@@ -260,9 +268,16 @@ def evaluate_file(
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
+        # bits per byte = loss / ln 2 * tokens / bytes of the file: comparable across tokenizers
+        "bits_per_byte": loss / math.log(2) * ids.size / _n_bytes(tokenizer, ids),
         "tokens": tokens,
         "batches": len(batches),
     }
+
+
+def _n_bytes(tokenizer: Tokenizer, ids: Any) -> int:
+    """UTF-8 bytes the ids stand for (byte-level tokenizers decode exactly)."""
+    return max(len(tokenizer.decode(np.asarray(ids, np.int64)).encode("utf-8")), 1)
 
 
 def generate_many(
@@ -302,7 +317,7 @@ def generate_many(
         raise ConfigError(f"strategy must be a SamplingStrategy or a name, got {strategy!r}")
     seed = check_int(seed, "seed", 0)
     per_unit = check_int(prompts_per_unit, "prompts_per_unit", 1)
-    tokenizer = ByteTokenizer()
+    tokenizer = _checkpoint_tokenizer(checkpoint)
     ckpt, config = _prepare_checkpoint(checkpoint, tokenizer)
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 0, config.max_seq_len - 1)
     encoded = [tokenizer.encode(p).tolist() for p in prompts]

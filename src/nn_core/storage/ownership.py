@@ -85,6 +85,7 @@ RUN_FILES = frozenset(
         RUN_MARKER,
         "run.json",
         "tokenizer.json",
+        "tokenizer_config.json",  # BOS / EOS of a tokenizers-library tokenizer
         LATEST_FILE,
         "metrics.jsonl",
         "loss_curve.png",
@@ -93,7 +94,8 @@ RUN_FILES = frozenset(
     }
 )
 CHECKPOINT_FILES = {
-    MODEL: frozenset({MODEL_FILE, STATE_FILE}),
+    # a model directory may carry its tokenizer (nn-core import of a Hugging Face model)
+    MODEL: frozenset({MODEL_FILE, STATE_FILE, "tokenizer.json", "tokenizer_config.json"}),
     TRAINING: frozenset({MODEL_FILE, OPTIMIZER_FILE, STATE_FILE}),
 }
 WHAT = {  # how messages name each kind

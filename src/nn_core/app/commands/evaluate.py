@@ -14,7 +14,7 @@ def add(sub: Any) -> None:
         "evaluate",
         help="loss and perplexity of a checkpoint on a text file (parallel)",
         description="Mean cross-entropy over non-overlapping windows of a UTF-8 file "
-        "(byte tokens), spread over local worker processes or a Dask cluster.",
+        "(the run's tokenizer), spread over local worker processes or a Dask cluster.",
     )
     p.add_argument(
         "--checkpoint", required=True, help="run directory (uses its latest) or checkpoint dir"
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         say(
             f"loss {result['loss']:.4f} nats/token  perplexity {result['perplexity']:.2f}  "
+            f"{result['bits_per_byte']:.4f} bits/byte  "
             f"({result['tokens']:,} tokens, {result['batches']} batches)"
         )
     return 0

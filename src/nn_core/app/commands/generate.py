@@ -103,11 +103,11 @@ def add(sub: Any) -> None:
 
 def find_tokenizer(checkpoint: Path) -> Any:
     """tokenizer.json in the checkpoint directory or its run directory; else byte level."""
-    from ...data.tokenizer import ByteTokenizer
+    from ...data.tokenizer import ByteTokenizer, load_tokenizer
 
     for where in (checkpoint, checkpoint.parent):
         if (where / "tokenizer.json").is_file():
-            return ByteTokenizer.load(where / "tokenizer.json")
+            return load_tokenizer(where / "tokenizer.json")
     note(f"no tokenizer.json beside {checkpoint}; using the byte tokenizer")
     return ByteTokenizer()
 

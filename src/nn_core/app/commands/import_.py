@@ -1,8 +1,10 @@
-"""``nn-core import``: a .safetensors weights file -> an nn-core model directory."""
+"""``nn-core import``: a .safetensors weights file, or a Hugging Face Mixtral directory,
+-> an nn-core model directory."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ..options import UsageError, add_config_options, say
@@ -11,11 +13,16 @@ from ..options import UsageError, add_config_options, say
 def add(sub: Any) -> None:
     p = sub.add_parser(
         "import",
-        help="turn a .safetensors weights file into an nn-core model directory",
+        help="turn a .safetensors weights file or a Hugging Face Mixtral directory into an "
+        "nn-core model directory",
         description="Verify a weights file (names, shapes, dtypes, finite values, config) "
         "and write a model directory that generate / evaluate / nn_core.load_model read.",
     )
-    p.add_argument("file", help="weights file (.safetensors)")
+    p.add_argument(
+        "file",
+        help="weights file (.safetensors), or a Mixtral directory (config.json, safetensors "
+        "weights, optionally tokenizer.json)",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -36,6 +43,17 @@ def run(args: argparse.Namespace) -> int:
     from ...storage.ownership import MODEL, check_dir_output
     from ...storage.weights import import_weights
 
+    if os.path.isdir(args.file):
+        from ...storage.hf import import_hf
+
+        if args.config is not None or args.set:
+            raise UsageError(
+                "--config / --set apply to a weights file; a directory has config.json"
+            )
+        out, tok = import_hf(args.file, args.out, overwrite=args.force)
+        what = "" if tok is None else f" with its tokenizer ({tok.vocab_size} tokens)"
+        say(f"wrote model directory {out}{what}")
+        return 0
     if args.set and args.config is None:
         raise UsageError("--set applies to --config; give --config too")
     config = None if args.config is None else resolve_config(args.config, args.set)[0]
