@@ -116,6 +116,7 @@ def corpus(path: Path) -> Path:
 TRAIN = [
     "--batch-size", "4", "--seq-len", "16", "--steps", "6", "--warmup-steps", "1",
     "--checkpoint-interval", "2", "--eval-interval", "3", "--sample-tokens", "0", "--quiet",
+    "--tokenizer", "byte",  # the data as bytes, also when prepared
 ]  # fmt: skip
 
 
@@ -266,7 +267,8 @@ def test_a_prepared_dataset_is_memory_mapped_by_every_rank_with_the_same_batches
     prepared = root / "prepared"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     made = subprocess.run(
-        [sys.executable, "-m", "nn_core", "prepare", str(data), "--out", str(prepared)],
+        [sys.executable, "-m", "nn_core", "prepare", str(data), "--out", str(prepared)]
+        + ["--tokenizer", "byte"],
         env=env,
         capture_output=True,
         text=True,

@@ -238,8 +238,6 @@ def test_forbidden_patterns_catch_each_form() -> None:
 # ---- the top-level README -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="README rewrite pending")
 def test_readme_references() -> None:
-    """(a), (b) and (c) for README.md. Expected to fail until the README is rewritten;
-    strict, so the suite fails as soon as it passes and this marker is still here."""
+    """(a), (b) and (c) for README.md."""
     assert reference_errors(README) + forbidden_mentions(README) == []

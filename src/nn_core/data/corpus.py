@@ -80,7 +80,7 @@ def describe_default_corpus() -> str:
     n_bytes = len(default_corpus().encode("utf-8"))
     return (
         f"{n_modules} pure-Python modules of the Python {platform.python_version()} "
-        f"standard library ({n_bytes:,} bytes of UTF-8 source = byte tokens)"
+        f"standard library ({n_bytes:,} bytes of UTF-8 source)"
     )
 
 
