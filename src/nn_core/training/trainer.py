@@ -32,6 +32,7 @@ from .optim import AdamW, clip_grad_norm, get_lr, global_norm
 if TYPE_CHECKING:
     from ..model.moe import Routing
     from ..model.transformer import LossTerms, MoETransformer
+    from .telemetry import ExpertTelemetry
 
 Batch = tuple[np.ndarray, np.ndarray]  # (token_ids [B, S], targets [B, S])
 
@@ -154,6 +155,14 @@ class Trainer:
         self.last_routing = state.routing
         return state.terms
 
+    def expert_telemetry(self) -> ExpertTelemetry:
+        """Per layer expert load, router probability and entropy of the last step, from
+        its kept routing (``nn_core.training.telemetry``)."""
+        from ..model.moe import routing_stats
+        from .telemetry import expert_telemetry
+
+        return expert_telemetry([routing_stats(r) for r in self.last_routing])
+
     def _non_finite(self, step: int, detail: str) -> NonFiniteError:
         last = str(self.last_checkpoint) if self.last_checkpoint else "none saved yet"
         return NonFiniteError(
@@ -161,23 +170,28 @@ class Trainer:
             f"applied and nothing was written. Last good checkpoint: {last}"
         )
 
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, Any]:
         """Token-weighted mean loss over held-out batches (no backward, no update).
 
-        -> {"val_loss" (CE + aux), "val_ce", "val_aux"}.
+        -> {"val_loss" (CE + aux), "val_ce", "val_aux", "val_experts" (the expert
+        telemetry of all the batches' routing, ``nn_core.training.telemetry``)}.
         """
+        from .telemetry import add_routing_stats, expert_telemetry
+
         sums = np.zeros(3)
         tokens = 0
+        routed = None
         for inputs, targets in batches:
             n = int(np.asarray(inputs).size)
-            sums += n * np.array(
-                self.model.loss_terms(inputs, targets, self.config.aux_loss_weight), np.float64
-            )
+            state = self.model.forward_loss(inputs, targets, self.config.aux_loss_weight)
+            sums += n * np.array(state.terms, np.float64)
+            routed = add_routing_stats(routed, state.routing_stats())
             tokens += n
-        if tokens == 0:
+        if tokens == 0 or routed is None:
             raise InputError("eval_batches is empty")
         loss, ce, aux = (float(x) for x in sums / tokens)
-        return {"val_loss": loss, "val_ce": ce, "val_aux": aux}
+        experts = expert_telemetry(routed).as_dict()
+        return {"val_loss": loss, "val_ce": ce, "val_aux": aux, "val_experts": experts}
 
     # ---- many steps --------------------------------------------------------------------
     def fit(
@@ -200,11 +214,13 @@ class Trainer:
 
         Each update appends one JSON line to ``metrics_path`` (default
         ``out_dir/metrics.jsonl``): step, loss, ce, aux, grad_norm, lr, tokens_per_sec,
-        plus val_loss/val_ce/val_aux after every ``eval_interval`` updates when
+        experts (``nn_core.training.telemetry``),
+        plus val_loss/val_ce/val_aux/val_experts after every ``eval_interval`` updates when
         ``eval_batches`` is given (a re-iterable collection, or a callable returning a
         fresh iterable). A checkpoint is saved to ``checkpoint_dir`` (default ``out_dir``;
         none if both are None) after every ``checkpoint_interval`` updates and always
-        at the end. The tqdm bar (stderr) shows loss, tokens/s and the ETA.
+        at the end. The tqdm bar (stderr) shows loss, tokens/s, the worst layer's max/min
+        expert load and the ETA.
 
         The run directory is created if absent (its parent must exist) and must otherwise
         be empty or an nn-core run directory (``nn_core.storage.ownership``); it is locked for the
@@ -242,6 +258,8 @@ class Trainer:
     ) -> list[dict[str, float]]:
         from tqdm.auto import tqdm
 
+        from .telemetry import worst_max_min
+
         cfg = self.config
         history: list[dict[str, float]] = []
         saved_at = -1  # step of the newest checkpoint written by this call
@@ -266,8 +284,9 @@ class Trainer:
                     )
                     break
                 start = time.perf_counter()
-                metrics = self.train_step(inputs, targets)
+                metrics: dict[str, Any] = self.train_step(inputs, targets)
                 elapsed = time.perf_counter() - start
+                metrics["experts"] = self.expert_telemetry().as_dict()
                 metrics["tokens_per_sec"] = np.asarray(inputs).size / max(elapsed, 1e-12)
                 if (
                     get_eval is not None
@@ -289,6 +308,7 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     tok_s=f"{metrics['tokens_per_sec']:.0f}",
+                    max_min=f"{worst_max_min(metrics['experts']):.2f}",  # worst layer's load
                     refresh=False,
                 )
                 bar.update(1)
