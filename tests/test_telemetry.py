@@ -305,6 +305,24 @@ def test_experts_command_counts_the_tokens_each_expert_takes(
         assert f"layer {i}: router entropy {report['entropy'][i]:.3f}" in printed
 
 
+def test_expert_report_lists_every_token_an_expert_took_and_no_other() -> None:
+    model = MoETransformer(CFG, seed=4, dtype=np.float64)
+    ids, tgt = batch(7)
+    report = expert_report(model, [(ids, tgt)], ByteTokenizer(), top=CFG.vocab_size)
+    state = model.forward_loss(ids, tgt, 0.0)
+    flat = ids.reshape(-1)
+    for i, routing in enumerate(state.routing):
+        for ex in report["layers"][i]["experts"]:
+            took = Counter(
+                int(flat[t]) for t in range(flat.size) if ex["expert"] in routing.top_idx[t]
+            )
+            want = sorted(took.items(), key=lambda vc: (-vc[1], vc[0]))  # count, then id
+            assert [(t["id"], t["count"]) for t in ex["top_tokens"]] == want
+            freq = np.bincount(flat, minlength=CFG.vocab_size) / flat.size
+            for t in ex["top_tokens"]:
+                assert t["lift"] == pytest.approx(t["count"] / ex["count"] / freq[t["id"]])
+
+
 def test_expert_report_rejects_no_text() -> None:
     model = MoETransformer(CFG, seed=1)
     with pytest.raises(InputError, match="empty"):
