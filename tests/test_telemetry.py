@@ -331,13 +331,18 @@ def test_expert_report_rejects_no_text() -> None:
         expert_report(model, [batch(0)], ByteTokenizer(), top=0)
 
 
-def test_experts_command_refuses_a_directory_as_json(
+def test_experts_command_refuses_a_directory_as_json_and_too_little_text(
     trained_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = trained_run.parent / "data.txt"
     argv = ["experts", "--checkpoint", trained_run, "--data", data, "--json", trained_run]
     assert main([str(a) for a in argv]) == 2
     assert "is a directory" in capsys.readouterr().err
+    short = trained_run.parent / "short.txt"
+    short.write_text("abc", encoding="utf-8")
+    assert main(["experts", "--checkpoint", str(trained_run), "--data", str(short)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has 3 tokens; --seq-len 64 needs at least 65" in err
 
 
 def test_evaluate_reports_the_expert_telemetry_of_the_windows(

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ...errors import InputError
 from ..options import UsageError, pos_int, say
 
 
@@ -51,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
             f"--seq-len must be in [1, max_seq_len={model.config.max_seq_len}], got {args.seq_len}"
         )
     ids = tokenizer.encode(load_text(args.data))  # [T]
+    if ids.size < args.seq_len + 1:
+        raise InputError(
+            f"data file {args.data} has {ids.size} tokens; --seq-len {args.seq_len} needs at "
+            f"least {args.seq_len + 1}"
+        )
     batches = eval_batches(ids, args.batch_size, args.seq_len, args.max_batches)
     report = expert_report(model, batches, tokenizer, top=args.top)
     report = {"checkpoint": str(resolve_checkpoint(args.checkpoint)), "data": args.data, **report}
