@@ -300,7 +300,10 @@ def test_experts_command_counts_the_tokens_each_expert_takes(
             for t in ex["top_tokens"]:
                 assert t["text"] == tok.decode(np.array([t["id"]]))
                 assert t["share"] == pytest.approx(t["count"] / ex["count"])
-            text = "  ".join(f"{json.dumps(t['text'])} {t['share']:.0%}" for t in ex["top_tokens"])
+            text = "  ".join(
+                f"{json.dumps(t['text'])} {t['share']:.0%} x{t['lift']:.1f}"
+                for t in ex["top_tokens"]
+            )
             assert f"expert {e:>2}  load {ex['load']:6.1%}" in printed and text in printed
         assert f"layer {i}: router entropy {report['entropy'][i]:.3f}" in printed
 

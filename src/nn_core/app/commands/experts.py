@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as text: a line per layer, then one per expert with its top tokens."""
+    """The report as text: a line per layer, then one per expert with its top tokens,
+    each with its share of the expert's assignments and its lift (share / frequency)."""
     n_experts = len(report["load"][0])
     lines = [
         f"{report['tokens']:,} tokens of {report['data']} through {report['checkpoint']} "
@@ -87,7 +88,7 @@ def format_report(report: dict[str, Any]) -> str:
         )
         for e in layer["experts"]:
             tops = "  ".join(
-                f"{json.dumps(t['text'], ensure_ascii=False)} {t['share']:.0%}"
+                f"{json.dumps(t['text'], ensure_ascii=False)} {t['share']:.0%} x{t['lift']:.1f}"
                 for t in e["top_tokens"]
             )
             lines.append(
