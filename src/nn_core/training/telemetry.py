@@ -84,16 +84,16 @@ def expert_telemetry(stats: Sequence[RoutingStats]) -> ExpertTelemetry:
     load, prob, entropy, max_min, unused = [], [], [], [], []
     tokens = int(stats[0].tokens)
     for s in stats:
-        counts = np.asarray(s.counts, dtype=np.int64)  # [E] c_e
-        n = int(s.tokens)
-        if n <= 0 or int(counts.sum()) <= 0:
+        counts = [int(c) for c in np.asarray(s.counts).tolist()]  # [E] c_e (E is small)
+        n, assignments = int(s.tokens), sum(counts)  # N, N K
+        if n <= 0 or assignments <= 0:
             raise InputError("routing statistics of an empty batch (no tokens)")
-        load.append((counts / counts.sum()).tolist())  # f_e = c_e / (N K)
+        load.append([c / assignments for c in counts])  # f_e = c_e / (N K)
         prob.append((np.asarray(s.prob_sum, np.float64) / n).tolist())  # P_e = sum_t p_te / N
         entropy.append(float(s.entropy_sum) / n)  # (1/N) sum_t H(p_t)
-        low, high = int(counts.min()), int(counts.max())
+        low, high = min(counts), max(counts)
         max_min.append(None if low == 0 else high / low)
-        unused.append(int(np.count_nonzero(counts == 0)))
+        unused.append(counts.count(0))
     return ExpertTelemetry(load, prob, entropy, max_min, unused, tokens)
 
 
