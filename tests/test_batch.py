@@ -1,4 +1,4 @@
-"""Batch evaluation and generation over executors (issue 6): every executor, same answer.
+"""Batch evaluation and generation over executors: every executor, same answer.
 
 The reference is a single-process run: ``SerialExecutor`` runs each unit in the
 caller's thread at submit time. Thread pools, process pools (the default executor

@@ -40,7 +40,11 @@ EXPECTED = {  # id -> (axis, kind, params that must be present)
         f"mem_scale_seq_{s}": ("memory", "forward", {"config": "tiny", "batch": 2, "seq": s})
         for s in (8, 16, 32, 64)
     },
-    "kernel_matmul": ("compiler", "kernel", {"m": 64, "n": 64, "k": 64, "known_flops": 524288}),
+    "kernel_matmul": (
+        "compiler",
+        "kernel",
+        {"m": 64, "n": 64, "k": 64, "M": 64, "K": 64, "N": 64, "known_flops": 524288},
+    ),  # fmt: skip
     "kernel_softmax": ("compiler", "kernel", {"n": 1000, "known_flops": 4000}),
     "kernel_rmsnorm": ("compiler", "kernel", {"shape": [2, 32, 64], "known_flops": 12288}),
     "dispatch_warm": ("type_system", "forward", {"config": "tiny", "batch": 2, "seq": 32}),
@@ -77,7 +81,7 @@ SCENARIO_FIELDS = [
 
 def test_the_22_scenarios_have_the_spec_ids_axes_and_workloads() -> None:
     assert len(SCENARIOS) == 22
-    assert list(SCENARIO_IDS) == list(EXPECTED)  # SPEC order
+    assert list(SCENARIO_IDS) == list(EXPECTED)  # the order of docs/benchmark.md
     for sc in SCENARIOS:
         axis, kind, params = EXPECTED[sc.id]
         assert (sc.axis, sc.kind) == (axis, kind), sc.id
@@ -85,6 +89,10 @@ def test_the_22_scenarios_have_the_spec_ids_axes_and_workloads() -> None:
             assert sc.params[key] == value, (sc.id, key)
         if sc.axis == "parallel":
             assert sc.params["parallel_semantics"] == "independent"
+            assert sc.params["executor"] == "processes"  # one executor, fixed by design
+        if "seq" in sc.params:  # the suite's names beside ours
+            assert sc.params["seq_len"] == sc.params["seq"]
+            assert sc.params["hidden_dim"] == Config.preset(sc.params["config"]).hidden_dim
         if sc.kind == "kernel":
             assert sc.params["dtype"] == "float32"
             assert sc.params["repeats_per_trial"] >= 1
@@ -110,6 +118,16 @@ def test_tokens_count_all_parallel_instances() -> None:
     assert tokens_of(by_id["kernel_matmul"]) is None
 
 
+def test_trainer_scenarios_are_measured_last_and_reported_in_suite_order() -> None:
+    from nn_core.bench.runner import measuring_order
+
+    order = [s.id for s in measuring_order(list(SCENARIOS))]
+    assert sorted(order) == sorted(SCENARIO_IDS)
+    trainers = [s.id for s in SCENARIOS if s.kind in ("train", "parallel_train")]
+    assert order[-len(trainers) :] == trainers  # mem_train_step, parallel_train_T*, scale_train
+    assert order[0] == "mem_scale_batch_1"
+
+
 def test_scenario_globs_select_in_suite_order() -> None:
     assert [s.id for s in select(None)] == list(SCENARIO_IDS)
     assert [s.id for s in select(["kernel_*"])] == [
@@ -124,6 +142,8 @@ def test_scenario_globs_select_in_suite_order() -> None:
         "mem_scale_batch_1",
     ]
     assert "decode_kv_256" in [s.id for s in select(["decode_*"])]  # an extra
+    threads = select(["parallel_threads_T*"])  # the other executor, as extras
+    assert [s.params["executor"] for s in threads] == ["threads"] * 3
     with pytest.raises(ValueError, match="matches no scenario"):
         select(["nope_*"])
 
@@ -235,12 +255,66 @@ def test_summary_table_rows_and_ratios() -> None:
     ]
     assert lines[7] == "| kernel_rmsnorm | compiler | - | - | - | - | - |"
     assert "- rust (bench_sibling.json): Apple M1, macOS-14.5-arm64" in text
+    head = text.split("\n\n")[1].splitlines()  # the headline figures, a column per file
+    assert head[0] == (
+        "| figure | python (bench_a.json) | python (bench_b.json) | rust (bench_sibling.json) |"
+    )
+    assert len(head) == 2 + 8  # none of these files has the parallel scenarios: all '-'
+    assert head[2] == "| inference/s at T4 (parallel_T4) | - | - | - |"
+
+
+PEER = str(FIXTURES / "bench_rust_peer.json")  # the Rust implementation's own output
+
+
+def test_summary_headline_figures_of_every_file() -> None:
+    text = summarize([A, PEER])
+    assert "| 951.14 us |" in text  # the peer's dispatch_warm median in the medians table
+    head = text.split("\n\n")[1].splitlines()
+    assert head[0] == "| figure | python (bench_a.json) | rust (bench_rust_peer.json) |"
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1:] for r in head[2:]}
+    # by hand from the peer's medians: T4 -> 4 / 2728145 ns; T2/T1 -> 2 * m1 / m2
+    assert rows["inference/s at T4 (parallel_T4)"] == ["-", "1,466 |"]
+    assert rows["train steps/s at T4 (parallel_train_T4)"] == ["-", "728 |"]
+    assert rows["forward speed-up T2/T1"] == ["-", "2.00x |"]  # 2 * 1404726 / 1405427
+    assert rows["forward speed-up T4/T1"] == ["-", "2.06x |"]  # 4 * 1404726 / 2728145
+    assert rows["train speed-up T2/T1"] == ["-", "1.84x |"]  # 2 * 2046235 / 2221982
+    assert rows["train speed-up T4/T1"] == ["-", "1.49x |"]  # 4 * 2046235 / 5496744
+    assert rows["cold/warm (dispatch_cold / dispatch_warm)"] == ["-", "8.48x |"]
+    assert rows["GFLOP/s (kernel_matmul)"] == ["-", "114.93 |"]  # 2 * 64^3 / 4562 ns
+    assert len(rows) == 8
+
+
+def test_summary_headline_figures_from_our_fields_and_the_peers() -> None:
+    from nn_core.bench.summary import headline_figures, matmul_flops
+
+    assert matmul_flops({"params": {"M": 2, "K": 3, "N": 4}}) == 48
+    assert matmul_flops({"params": {"m": 2, "k": 3, "n": 5}}) == 60
+    assert matmul_flops({"known_flops": 7, "params": {"M": 2}}) == 7
+    recs = {
+        "parallel_T1": {"median_ns": 1_000_000},
+        "parallel_T2": {"timings_ns": [1_000_000, 1_250_000, 1_500_000]},
+        "dispatch_warm": {"median_ns": 2_000},
+        "dispatch_cold": {"median_ns": 5_000},
+        "kernel_matmul": {"median_ns": 1_000, "params": {"m": 10, "k": 10, "n": 10}},
+    }
+    f = headline_figures(recs)
+    assert f["forward speed-up T2/T1"] == pytest.approx(2 * 1.0 / 1.25)
+    assert f["cold/warm (dispatch_cold / dispatch_warm)"] == pytest.approx(2.5)
+    assert f["GFLOP/s (kernel_matmul)"] == pytest.approx(2.0)  # 2000 flops / 1000 ns
+    assert f["forward speed-up T4/T1"] is None and f["train speed-up T2/T1"] is None
 
 
 def test_summary_of_one_file_and_scenarios_as_mapping() -> None:
     doc = {"scenarios": {"x": {"median_ns": 1500}, "y": {"timings_ns": [3, 1, 2]}}}
     table = summary_table([("only", doc)])
     assert table.splitlines()[2:] == ["| x | - | 1.50 us |", "| y | - | 2 ns |"]
+    assert "| inference/s at T4 (parallel_T4) | - |" in summarize_docs([("only", doc)])
+
+
+def summarize_docs(docs: list) -> str:
+    from nn_core.bench.summary import headline_table
+
+    return headline_table(docs)
 
 
 def main(argv: list[str]) -> int:
@@ -308,7 +382,8 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
-    assert "[1/8] mem_train_step" in proc.stderr  # progress went to stderr, in suite order
+    # progress went to stderr, the scenarios that build a trainer measured last
+    assert "[1/8] kernel_matmul" in proc.stderr and "[7/8] mem_train_step" in proc.stderr
 
     meta = doc["metadata"]
     assert meta["language"] == "python" and meta["seed"] == 42
@@ -337,11 +412,18 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     assert warm["throughput_tokens_per_sec"] == pytest.approx(64 / (warm["median_ns"] * 1e-9))
     assert recs["mem_train_step"]["params"]["floor"]["optimizer_bytes"] > 0
     for k in ("parallel_T2", "parallel_train_T1"):
-        p = recs[k]["params"]
-        assert p["parallel_semantics"] == "independent"
-        assert p["executor"] in ("threads", "processes")
-        other = {"threads", "processes"} - {p["executor"]}
-        assert set(p["alternatives"]) == other
+        rec = recs[k]
+        assert list(rec)[:3] == ["id", "parallel_semantics", "axis"]  # scenario level
+        assert rec["parallel_semantics"] == "independent"
+        p = rec["params"]
+        assert "parallel_semantics" not in p and "alternatives" not in p
+        assert p["executor"] == "processes" and p["blas_threads_per_worker"] == 1
+        assert p["seq_len"] == p["seq"] and p["hidden_dim"] == 64
+        # the memory of every instance: the parent and each of the T workers
+        workers = p["peak_rss_worker_bytes"]
+        assert len(workers) == p["thread_count"] and all(w > 10 * 2**20 for w in workers)
+        assert rec["memory"]["peak_rss_bytes"] == p["peak_rss_parent_bytes"] + sum(workers)
+    assert recs["kernel_matmul"]["params"]["M"] == 64
     t2 = recs["parallel_T2"]
     assert t2["derived"]["flops"] == 2 * 37_093_376
     assert t2["throughput_tokens_per_sec"] == pytest.approx(128 / (t2["median_ns"] * 1e-9))
@@ -408,3 +490,61 @@ def test_isolated_run_measures_each_scenario_in_a_fresh_process(tmp_path: Path) 
     # the child measured its own peak RSS; how big it may be is not a unit test's call
     rss = rec["memory"]["peak_rss_bytes"]
     assert isinstance(rss, int) and rss > 0
+
+
+# ---------------------------------------------------------------------------- no hidden tuning
+
+ALLOCATOR_TUNING = ("mallopt", "M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD", "M_ARENA", "MALLOC_")
+
+
+def test_the_bench_source_tunes_no_allocator() -> None:
+    files = [*(REPO / "src" / "nn_core" / "bench").glob("*.py")]
+    files.append(REPO / "src" / "nn_core" / "app" / "commands" / "bench.py")
+    for path in files:
+        text = path.read_text()
+        for word in ALLOCATOR_TUNING:
+            assert word not in text, (path.name, word)
+
+
+def test_a_model_scenario_runs_as_the_library_sets_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bench applies nothing the library does not: no BLAS thread limit of its own
+    around a single model (the library chooses per call), no environment or allocator
+    change, and the BLAS count it records is the library's own choice."""
+    from nn_core.bench import runner, workloads
+    from nn_core.bench.runner import RunOptions, run_benchmark
+    from nn_core.model.blas import current_threads
+    from nn_core.model.transformer import MoETransformer
+
+    limits: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> None:
+        limits.append((args, kwargs))
+        raise AssertionError("the bench set a BLAS thread limit of its own")
+
+    monkeypatch.setattr(runner, "threadpool_limits", spy)
+    monkeypatch.setattr(workloads, "threadpool_limits", spy)
+    # what the library itself does first (its fused kernels choose OMP_WAIT_POLICY when
+    # they load), so that only what the bench adds can differ below
+    from nn_core.training.config import TrainConfig
+    from nn_core.training.trainer import Trainer
+
+    ids0, targets0 = make_inputs(1, 8, Config.tiny().vocab_size)
+    trainer = Trainer(
+        MoETransformer(Config.tiny(), seed=0), TrainConfig(batch_size=1, seq_len=8, kernels="numba")
+    )
+    trainer.train_step(ids0, targets0)
+    env, blas = dict(os.environ), current_threads()
+    ids = ["mem_train_step", "kernel_softmax", "dispatch_warm", "dispatch_cold"]
+    doc, failures = run_benchmark(select(ids), RunOptions(trials=1, warmup=0, floor=False))
+    assert failures == [] and limits == []
+    assert dict(os.environ) == env and current_threads() == blas
+    policy = doc["metadata"]["blas_thread_policy"]["single_model"]
+    assert "the library's own choice" in policy and "the bench sets none" in policy
+    assert doc["metadata"]["malloc"].startswith("allocator defaults")
+    recs = {r["id"]: r for r in doc["scenarios"]}
+    tiny = MoETransformer(Config.tiny(), seed=0)
+    for sid in ("mem_train_step", "dispatch_warm"):
+        p = recs[sid]["params"]
+        assert p["blas_threads"] == tiny.blas_threads_for(p["batch"] * p["seq"]) == 1

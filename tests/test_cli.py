@@ -290,7 +290,7 @@ def test_runtime_errors_exit_1_with_one_line(straight_run, workdir, capsys):
             "no such file",
         ),
         (["train", "--data", workdir / "nope.txt", "--out", workdir / "e1"], "no such file"),
-        (["train", "--data", workdir, "--out", workdir / "e2"], "is a directory"),
+        (["train", "--data", workdir, "--out", workdir / "e2"], "unusable file"),
         (["train", "--data", bad_utf8, "--out", workdir / "e3"], "not valid UTF-8"),
         (["train", "--resume", "--out", workdir / "no_run"], "no run to resume"),
         (["info", "--checkpoint", workdir / "missing"], "does not exist"),

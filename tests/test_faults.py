@@ -1,11 +1,26 @@
 """Fault injection: nothing a user owns is destroyed, overwritten or half-read.
 
-Each test injects one fault found in issue 9 ("What was found", findings 1-7, each
-reproduced on main at b232fd8) and states in its docstring which finding it covers;
-every test here fails on that main. Faults that concern the command line run the real
-``nn-core`` (``python -m nn_core`` in a subprocess) where exit status and stderr are the
-point, and assert exactly one stderr line (none for a broken pipe) and the documented
-exit status: 1 runtime error, 2 usage error (a refused --out too), 141 broken pipe.
+Each test injects one fault that an audit of commit b232fd8 found (findings 1-7 below,
+each reproduced there) and states in its docstring which finding it covers; every test
+here fails on that commit:
+
+1. ``--out`` deleted whatever was there (import, the save functions), export overwrote
+   any file and created missing parents, pruning removed directories nn-core did not
+   write;
+2. no lock on a run directory: two writers ran at once, default names collided;
+3. tracebacks where one line is promised (a full disk, malformed state.json, a bad
+   prompt or scheduler address, a broken pipe);
+4. state.json was not verified: edited fields loaded silently;
+5. tensor files were created 0600 while everything else followed the umask;
+6. gradients from several threads on one model mixed silently;
+7. a corrupted ``latest`` gave no hint, ``--resume --steps`` below the current step was
+   accepted, ``bench --out`` in a missing directory failed only at the end, and
+   identical runs wrote different checkpoint bytes.
+
+Faults that concern the command line run the real ``nn-core`` (``python -m nn_core`` in
+a subprocess) where exit status and stderr are the point, and assert exactly one stderr
+line (none for a broken pipe) and the documented exit status: 1 runtime error, 2 usage
+error (a refused --out too), 141 broken pipe.
 
 Shape legend: B batch, S sequence, P parameters (the flat buffers).
 """

@@ -1,4 +1,4 @@
-"""Weights PyTorch can load (issue 6): export, the README's PyTorch lines, import checks.
+"""Weights PyTorch can load: export, the README's PyTorch lines, import checks.
 
 The PyTorch part runs ``README_SNIPPET`` -- the lines the README shows, read from
 README.md -- on an exported file, and compares its greedy tokens and logits with

@@ -1,4 +1,4 @@
-"""Each layer's forward against a direct NumPy formula of SPEC.md, and its backward
+"""Each layer's forward against a direct NumPy formula of docs/model.md, and its backward
 against central finite differences in float64 (relative error below 1e-6)."""
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def test_swiglu_forward_and_backward(rng):
 
 
 def rope_reference(x, positions, theta):
-    """RoPE by the SPEC formula, pair by pair: [x0 cos - x1 sin, x0 sin + x1 cos]."""
+    """RoPE by docs/model.md, section 6, pair by pair: [x0 cos - x1 sin, x0 sin + x1 cos]."""
     d = x.shape[-1]
     out = np.empty_like(x)
     for s, t in enumerate(positions):
@@ -237,7 +237,7 @@ def test_ntk_base_formula():
 
 
 def attention_reference(x, batch, wq, wk, wv, wo, n_heads, n_kv, theta):
-    """Direct per-head attention by the SPEC formulas (loops, no grouping tricks)."""
+    """Direct per-head attention by docs/model.md, section 7 (loops, no grouping tricks)."""
     n, _ = x.shape
     s = n // batch
     d = wq.shape[0] // n_heads
@@ -353,7 +353,7 @@ def test_moe_forward_and_backward_including_router_and_aux(rng, top_k):
 
     def loss():
         o, c = moe_forward(x, w, top_k)
-        # the aux loss with f_e held at its current value (a constant, as SPEC.md says)
+        # the aux loss with f_e held at its current value (a constant: docs/gradients.md)
         f_e = cache.routing.counts / cache.routing.order.size
         p_e = c.routing.probs.mean(axis=0)
         return float(np.sum(o * r) + alpha * w.router.shape[0] * f_e @ p_e)

@@ -1,7 +1,7 @@
-"""Parity with an independent PyTorch oracle (issue 6): logits, every gradient, training.
+"""Parity with an independent PyTorch oracle: logits, every gradient, training.
 
-tests/torch_reference.py implements SPEC.md in plain torch with autograd for the
-backward; here nn-core and the oracle get identical parameters and inputs.
+tests/torch_reference.py implements the model of docs/model.md in plain torch with
+autograd for the backward; here nn-core and the oracle get identical parameters and inputs.
 
 Relative error throughout: rel(a, b) = max|a - b| / max|b|, with b the torch
 reference, i.e. the worst absolute error measured against the tensor's scale.
@@ -132,11 +132,11 @@ def test_greedy_generate_matches_nn_core_argmax_decoding():
     assert greedy_generate(ref, prompt, max_len=3) == prompt
 
 
-# ---- AdamW: SPEC's formula and torch.optim.AdamW are the same update ---------------
+# ---- AdamW: the formula of docs/training.md and torch.optim.AdamW are one update --
 
 
 def spec_adamw_step(w, g, m, v, t, lr, b1=0.9, b2=0.95, eps=1e-8, wd=0.1):
-    """SPEC.md AdamW, written out: w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
+    """AdamW (docs/training.md, section 4): w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)."""
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
@@ -170,7 +170,8 @@ STEPS = 10  # 3 warmup updates (lr 0, lr/3, 2lr/3), then the whole cosine down t
 
 
 def schedule(t: int, lr: float, warmup: int, total: int) -> float:
-    """SPEC LR schedule for the 0-based update t: linear warmup 0 -> lr, cosine to 0.1 lr."""
+    """The LR schedule (docs/training.md, section 2) for the 0-based update t: linear
+    warmup 0 -> lr, cosine to 0.1 lr."""
     if t < warmup:
         return lr * t / warmup
     min_lr = 0.1 * lr
@@ -179,7 +180,8 @@ def schedule(t: int, lr: float, warmup: int, total: int) -> float:
 
 
 def spec_clip_(params, max_norm: float) -> torch.Tensor:
-    """SPEC clipping in torch: if norm > clip: g *= clip / (norm + 1e-12).
+    """Our clipping in torch (docs/training.md, section 3): if norm > clip: g *= clip /
+    (norm + 1e-12).
 
     torch.nn.utils.clip_grad_norm_ scales by clip / (norm + 1e-6) instead, a relative
     change of ~1e-6 / norm per clipped step: invisible in float32, far above float64
@@ -224,7 +226,8 @@ def train_both(dtype, clip) -> tuple[np.ndarray, dict[str, float]]:
     from nn_core.training.trainer import Trainer
 
     model, ref = twin(TINY, dtype, seed=3)
-    # the SPEC convergence batch: inputs i mod 1000, targets (i+1) mod 1000, i = 0..15
+    # the convergence batch (docs/training.md, section 7): inputs i mod 1000, targets
+    # (i+1) mod 1000, i = 0..15
     i = np.arange(16, dtype=np.int64).reshape(2, 8)
     ids, targets = i % TINY.vocab_size, (i + 1) % TINY.vocab_size
     trainer = Trainer(model, TrainConfig(**TRAIN))
@@ -259,7 +262,7 @@ def test_get_lr_matches_the_spec_schedule():
 
 
 def test_ten_training_steps_float64_match_torch_adamw():
-    """float64, SPEC clipping: every weight within 1e-9 * sum(lr) (measured ~1e-11).
+    """float64, our clipping: every weight within 1e-9 * sum(lr) (measured ~1e-11).
 
     Not 1e-16: AdamW divides by sqrt(v_hat) + eps, so a weight whose gradient is near
     zero (below ~1e-8) moves by lr * g / (|g| + eps), which magnifies rounding in g.
@@ -270,7 +273,7 @@ def test_ten_training_steps_float64_match_torch_adamw():
 
 
 def test_ten_training_steps_float64_with_torch_clip_grad_norm():
-    """torch's own clip_grad_norm_ (clip / (norm + 1e-6), SPEC: + 1e-12): measured ~4e-8."""
+    """torch's own clip_grad_norm_ (clip / (norm + 1e-6), ours: + 1e-12): measured ~4e-8."""
     diff, curves = train_both(np.float64, torch.nn.utils.clip_grad_norm_)
     assert_all_below(curves, 1e-8)
     assert diff.max() <= 1e-6

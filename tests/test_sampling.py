@@ -19,11 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from oracles import require_oracle
 from stats import chi2_sf, chi_squared_test, inverse_cdf
 
 from nn_core.errors import ConfigError, InputError
 from nn_core.inference.sampling import (
     Greedy,
+    MinP,
+    RepetitionPenalty,
     SamplingStrategy,
     Temperature,
     TopK,
@@ -552,7 +555,7 @@ class TopKTiesToTheHigherId(TopK):
         return softmax64(np.where(flipped, logits, -np.inf), self.temperature)
 
 
-MUTANTS = [  # the four of issue 15 first
+MUTANTS = [  # first the four that once passed every sampling test
     UniformNucleus(0.8, 0.7),
     TopKWithoutTemperature(3, 0.5),
     NucleusNotRenormalized(0.6, 1.3),
@@ -590,3 +593,132 @@ def test_each_mutant_in_the_sampling_alone_is_caught_by_the_frequencies(mutant):
     assert probs_errors(wrong, ROWS) == []  # its probs are right...
     assert frequency_errors(wrong, ROWS), f"{wrong!r} sampled wrongly unnoticed"
     assert distribution_errors(wrong)
+
+
+# ---- min-p and the repetition penalty ---------------------------------------------------
+
+MIN_P = [MinP(0.0, 1.0), MinP(0.05, 0.7), MinP(0.2, 1.3), MinP(0.5, 0.5), MinP(1.0, 2.0)]
+HISTORY = [1, 4, 4, 6, 0]  # ids already in the context (a repeat included)
+PENALIZED = [
+    RepetitionPenalty(1.3, Temperature(0.7)),
+    RepetitionPenalty(2.0, TopK(3, 1.3)),
+    RepetitionPenalty(0.8, TopP(0.8, 1.0)),
+    RepetitionPenalty(1.5, MinP(0.1, 0.7)),
+]
+
+
+def ref_min_p(row: Sequence[float], p_min: float, t: float) -> list[float]:
+    """softmax(row / t) kept where q_i >= p_min * max q, renormalized (loops, math.exp)."""
+    q = ref_softmax(row, t)
+    top = max(q)
+    kept = [qi if qi >= p_min * top else 0.0 for qi in q]
+    total = math.fsum(kept)
+    return [k / total for k in kept]
+
+
+def ref_penalized(row: Sequence[float], history: Sequence[int], penalty: float) -> list[float]:
+    """x / penalty (x > 0) or x * penalty (x <= 0) for every id seen once or more."""
+    return [
+        (x / penalty if x > 0 else x * penalty) if i in history else x for i, x in enumerate(row)
+    ]
+
+
+@pytest.mark.parametrize("strategy", MIN_P, ids=repr)
+def test_min_p_probs_equal_the_direct_formula_and_the_draws_fit(strategy):
+    for name, row in ROWS.items():
+        got = strategy.probs(np.array(row))
+        want = np.array(ref_min_p(row, strategy.p_min, strategy.temperature))
+        assert np.all(np.abs(got - want) <= RTOL * want), name
+    assert frequency_errors(strategy, ROWS) == []
+
+
+def test_min_p_support_and_greedy():
+    row = [math.log(x) for x in (0.5, 0.25, 0.125, 0.0625, 0.0625)]  # q exactly, at t = 1
+    assert set(np.flatnonzero(MinP(0.25, 1.0).probs(np.array(row))).tolist()) == {0, 1, 2}
+    assert set(np.flatnonzero(MinP(0.26, 1.0).probs(np.array(row))).tolist()) == {0, 1}
+    assert MinP(0.3, 0.0).is_greedy and MinP(0.3, 0.0).pick_tokens(np.array([row])).tolist() == [0]
+    assert make_strategy("min-p", min_p=0.1, temperature=0.5) == MinP(0.1, 0.5)
+    with pytest.raises(ConfigError, match="min_p"):
+        MinP(1.5)
+
+
+@pytest.mark.parametrize("strategy", PENALIZED, ids=repr)
+def test_repetition_penalty_probs_equal_the_direct_formula_and_the_draws_fit(strategy):
+    for name, row in ROWS.items():
+        got = strategy.probs(np.array(row), history=HISTORY)
+        want = strategy.base.probs(np.array(ref_penalized(row, HISTORY, strategy.penalty)))
+        assert np.array_equal(got, want), name  # same float64 operations: exact
+        assert np.array_equal(strategy.probs(np.array(row)), strategy.base.probs(np.array(row)))
+    errors = []
+    for seed, (name, row) in enumerate(ROWS.items()):
+        probs = strategy.probs(np.array(row), history=HISTORY)
+        hist = np.tile(HISTORY, (DRAWS, 1))
+        picks = strategy.pick_tokens(np.tile(row, (DRAWS, 1)), _rng(200 + seed), history=hist)
+        _, _, p_value = chi_squared_test(np.bincount(picks, minlength=len(row)), probs)
+        if not p_value > ALPHA:
+            errors.append(name)
+    assert errors == []
+
+
+def test_repetition_penalty_changes_greedy_picks_and_checks_its_history():
+    row = np.array([[2.0, 1.9, -1.0, 0.5]])
+    assert Greedy().pick_tokens(row).tolist() == [0]
+    rp = RepetitionPenalty(1.2)  # 2.0 / 1.2 < 1.9: the repeat loses
+    assert rp.is_greedy and rp.pick_tokens(row, history=[[0]]).tolist() == [1]
+    assert rp.pick_tokens(row).tolist() == [0]  # no history: no penalty
+    assert rp.pick_token(row[0], history=[0, 0]) == 1
+    ragged = RepetitionPenalty(5.0).probs(np.tile(row, (2, 1)), history=[[0], [0, 1]])
+    assert np.argmax(ragged, axis=1).tolist() == [1, 3]  # row 1: 2/5, 1.9/5, -1, 0.5
+    with pytest.raises(InputError, match="history"):
+        rp.probs(row, history=[[4]])
+    with pytest.raises(InputError, match="history"):
+        rp.probs(row, history=[[0], [1]])
+    with pytest.raises(ConfigError, match="penalty"):
+        RepetitionPenalty(0.0)
+    assert make_strategy("top_k", top_k=5, repetition_penalty=1.3) == RepetitionPenalty(
+        1.3, TopK(5)
+    )
+
+
+# the oracles: transformers' own logits processors (offline; no download)
+
+
+def _hf_processors():
+    require_oracle("torch")
+    generation = require_oracle("transformers.generation.logits_process")
+    import torch
+
+    return torch, generation
+
+
+@pytest.mark.parametrize("p_min", [0.0, 0.05, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("t", [0.7, 1.0, 1.3])
+def test_min_p_equals_transformers_min_p_logits_warper(p_min, t):
+    torch, generation = _hf_processors()
+    x = np.array(list(ROWS.values()))  # [8, 8]
+    x = np.concatenate([x, _logits(4, 8, seed=5).astype(np.float64)])  # [12, 8]
+    x = np.where(np.isinf(x), -1e30, x)  # transformers' warpers use finite masks
+    scores = generation.TemperatureLogitsWarper(t)(None, torch.tensor(x))
+    warped = generation.MinPLogitsWarper(p_min)(None, scores)
+    want = torch.softmax(warped, dim=-1).numpy()
+    got = MinP(p_min, t).probs(x)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+    assert np.array_equal(got > 0, want > 0)  # the same support
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.0, 1.3, 2.5])
+def test_repetition_penalty_equals_transformers_repetition_penalty_processor(penalty):
+    torch, generation = _hf_processors()
+    x = _logits(6, 40, seed=7).astype(np.float64) * 3  # [B, V] both signs
+    history = _rng(11).integers(0, 40, size=(6, 25))  # [B, T] with repeats
+    want = generation.RepetitionPenaltyLogitsProcessor(penalty)(
+        torch.tensor(history), torch.tensor(x)
+    ).numpy()
+    got = RepetitionPenalty(penalty, Temperature(1.0))._penalized(x, history)
+    assert np.array_equal(got, want)
+    want_probs = torch.softmax(torch.tensor(want), dim=-1).numpy()
+    np.testing.assert_allclose(
+        RepetitionPenalty(penalty, Temperature(1.0)).probs(x, history=history),
+        want_probs,
+        rtol=1e-12,
+    )

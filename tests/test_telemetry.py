@@ -24,8 +24,9 @@ from nn_core.model.transformer import MoETransformer
 from nn_core.storage import ownership as own
 from nn_core.storage.checkpoint import load_model
 from nn_core.training.config import TrainConfig
+from nn_core.training.distributed import sum_stats
 from nn_core.training.telemetry import (
-    add_routing_stats,
+    empty_routing_stats,
     expert_report,
     expert_telemetry,
     worst_max_min,
@@ -135,13 +136,16 @@ def test_collapsed_router_counts_unused_experts_and_an_infinite_ratio() -> None:
     assert tel["max_min"] == [None, 1.5] and tel["unused"] == [1, 0]
     assert worst_max_min(tel) == math.inf
     assert json.loads(json.dumps(tel)) == tel  # plain JSON: null, never Infinity
-    both = add_routing_stats(stats, stats)
+    both = sum_stats(stats, stats)
     assert both[0].tokens == 8 and both[0].counts.tolist() == [0, 12, 4]
     assert expert_telemetry(both).as_dict()["load"] == tel["load"]  # fractions of sums
     with pytest.raises(InputError):
         expert_telemetry([])
-    with pytest.raises(InputError):
-        add_routing_stats(stats, stats[:1])
+    zero = empty_routing_stats(dataclasses.replace(CFG, n_experts=3))
+    assert [z.tokens for z in zero] == [0] * CFG.n_layers
+    assert expert_telemetry(sum_stats(zero, stats)).as_dict() == tel  # zeros change nothing
+    with pytest.raises(InputError, match="empty"):
+        expert_telemetry(zero)
 
 
 # ---- metrics.jsonl, the progress bar, evaluation -------------------------------------------
@@ -357,10 +361,9 @@ def test_evaluate_reports_the_expert_telemetry_of_the_windows(
     assert main([str(a) for a in [*argv, "--json"]]) == 0
     result = json.loads(capsys.readouterr().out)
     model = load_model(trained_run)
-    total = None
+    total = empty_routing_stats(model.config)
     for ids, tgt in eval_batches(ByteTokenizer().encode(TEXT), 16, 32, 2):
-        total = add_routing_stats(total, model.forward_loss(ids, tgt, 0.0).routing_stats())
-    assert total is not None
+        total = sum_stats(total, model.forward_loss(ids, tgt, 0.0).routing_stats())
     assert result["experts"] == expert_telemetry(total).as_dict()
     assert main([str(a) for a in argv]) == 0
     printed = capsys.readouterr().out

@@ -1,6 +1,6 @@
-"""An independent PyTorch implementation of the SPEC.md model: the parity oracle.
+"""An independent PyTorch implementation of the nn-core model: the parity oracle.
 
-Written from the formulas of SPEC.md sections 2 and 3 with plain ``torch`` ops,
+Written from the formulas of docs/model.md and docs/training.md with plain ``torch`` ops,
 straightforwardly (a loop over heads, a loop over experts): clarity over speed.
 Its backward is torch autograd, so it is a second opinion on nn-core's
 hand-derived gradients. It shares no code with nn-core; the config is a plain
@@ -11,7 +11,7 @@ works standalone, e.g. to load exported weights:
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
     tokens = greedy_generate(model, [1, 2, 3], max_len=16)
 
-Parameter names equal nn-core's (SPEC / issue 2), so a state dict moves 1:1.
+Parameter names equal nn-core's (docs/model.md, section 16), so a state dict moves 1:1.
 
 Shape legend: B batch, S sequence, H hidden_dim, nH n_heads, nKV n_kv_heads,
 D head_dim, E n_experts, K top_k_experts, F ffn_dim, V vocab_size, N = B*S.
@@ -177,7 +177,7 @@ class Block(nn.Module):
 
 
 class TorchMoE(nn.Module):
-    """The SPEC.md MoE transformer; parameter names equal nn-core's."""
+    """The MoE transformer of docs/model.md; parameter names equal nn-core's."""
 
     def __init__(self, config: Any, dtype: Any = torch.float32, seed: int = 0):
         super().__init__()

@@ -60,11 +60,12 @@ from .commands import (
     import_,
     info,
     plot,
+    prepare,
     train,
 )
 from .options import PROG, Parser, UsageError
 
-COMMANDS = [train, generate, evaluate, export, import_, info, bench, convergence]
+COMMANDS = [train, generate, evaluate, export, import_, info, bench, convergence, prepare]
 COMMANDS += [plot, experts]  # expert telemetry
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports
 

@@ -45,15 +45,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..checks import check_int
-from ..data.corpus import load_text
 from ..data.dataset import eval_batches
+from ..data.prepared import evaluation_tokens
 from ..data.tokenizer import ByteTokenizer
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inference.sampling import SamplingStrategy, make_strategy
 from ..model.config import Config
 from ..model.moe import RoutingStats
 from ..storage.checkpoint import MODEL_FILE, STATE_FILE, load_model, read_state, resolve_checkpoint
-from ..training.telemetry import add_routing_stats, expert_telemetry
+from ..training.distributed import sum_stats
+from ..training.telemetry import empty_routing_stats, expert_telemetry
 
 if TYPE_CHECKING:
     from ..model.transformer import MoETransformer
@@ -245,7 +246,7 @@ def evaluate_file(
     batch_size = check_int(batch_size, "batch_size", 1)
     if max_batches is not None:
         max_batches = check_int(max_batches, "max_batches", 1)
-    ids = tokenizer.encode(load_text(data_file))  # [T]
+    ids = evaluation_tokens(data_file, tokenizer)  # [T]: a file, a directory or prepared
     if ids.size < seq_len + 1:
         raise InputError(
             f"data file {data_file} has {ids.size} tokens; seq_len={seq_len} needs at least "
@@ -255,13 +256,12 @@ def evaluate_file(
     units = [(i, ckpt, x, y) for i, (x, y) in enumerate(batches)]
     results = sorted(_run_units(_eval_unit, units, executor, workers))  # by unit index
     loss_sum, tokens = 0.0, 0
-    routed = None
+    routed = empty_routing_stats(config)
     for _, unit_sum, unit_tokens, unit_routed in results:  # fixed order: the same float sum
         loss_sum += unit_sum
         tokens += unit_tokens
-        routed = add_routing_stats(routed, unit_routed)
+        routed = sum_stats(routed, unit_routed)
     loss = loss_sum / tokens
-    assert routed is not None  # at least one window
     return {
         "loss": loss,
         "perplexity": math.exp(loss),

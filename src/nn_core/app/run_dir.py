@@ -62,6 +62,7 @@ class RunInfo:
     data_source: str | None  # a file path, or None for the default corpus
     data_sha256: str
     val_fraction: float
+    data_options: dict[str, Any] | None = None  # how the data was read (glob, skip_bad, kind)
 
 
 class RunDir:
@@ -218,12 +219,14 @@ class RunDir:
         train_config: TrainConfig,
         data_source: str | None,
         data_description: str,
-        text: str,
+        text: str | None,
         val_fraction: float,
         train_tokens: int,
         val_tokens: int,
         tokenizer: dict[str, Any],
         command: list[str],
+        data_sha256: str | None = None,
+        data_options: dict[str, Any] | None = None,
     ) -> None:
         """run.json: everything an exact resume needs besides the checkpoint."""
         self.write_json(
@@ -237,10 +240,11 @@ class RunDir:
                 "data": {
                     "source": None if data_source is None else str(Path(data_source).resolve()),
                     "description": data_description,
-                    "sha256": sha256_text(text),
+                    "sha256": data_sha256 or sha256_text(text or ""),
                     "val_fraction": val_fraction,
                     "train_tokens": train_tokens,
                     "val_tokens": val_tokens,
+                    **({} if data_options is None else {"options": data_options}),
                 },
                 "tokenizer": tokenizer,
                 "command": command,
@@ -260,6 +264,7 @@ class RunDir:
                 data_source=run["data"]["source"],
                 data_sha256=run["data"]["sha256"],
                 val_fraction=float(run["data"]["val_fraction"]),
+                data_options=run["data"].get("options"),
             )
             if not (info.data_source is None or isinstance(info.data_source, str)):
                 raise TypeError("data.source must be a string or null")

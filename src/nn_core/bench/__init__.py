@@ -1,4 +1,4 @@
-"""nn-core's benchmark: the suite's 22 scenarios (SPEC.md section 6) as JSON.
+"""nn-core's benchmark: the suite's 22 scenarios as JSON (contract: docs/benchmark.md).
 
     nn-core bench [--scenario GLOB ...] [--trials N] [--warmup N] [--out FILE]
     nn-core bench --summary A.json [B.json ...]

@@ -16,11 +16,12 @@ from .scenarios import Scenario, make_inputs, register_extra
 
 
 class GreedyDecodeWorkload(Workload):
-    """Greedy generation of G new tokens after a P-token prompt (issue 5's decoding speed).
+    """Greedy generation of G new tokens after a P-token prompt (decoding speed).
 
     ``cached``: ``nn_core.inference.generate.generate`` (prefill once, then one-token steps on
     the KV cache); otherwise ``generate_uncached``, which re-runs the whole sequence
-    every step, as the sibling implementations do. Throughput counts the G new tokens.
+    every step, as the suite's other implementations (Rust, Julia, Go) do. Throughput
+    counts the G new tokens.
     """
 
     def __init__(self, sc: Scenario, context: Any = None):

@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from ..model.config import Config
 
-# AdamW per parameter (SPEC section 3): reads p, g, m, v and writes p, m, v.
+# AdamW per parameter (docs/training.md, section 4): reads p, g, m, v and writes p, m, v.
 ADAMW_READS = 4
 ADAMW_WRITES = 3
 # Global-norm clipping reads every gradient once for the norm; the rescale (only when

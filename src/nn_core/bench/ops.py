@@ -34,14 +34,21 @@ def model_op(
     kind: str, cfg: Config, batch: int, seq: int, train_options: dict[str, Any]
 ) -> Callable[[], Any]:
     """A zero-argument callable: one forward (logits) or one train step (its metrics dict)."""
+    return model_and_op(kind, cfg, batch, seq, train_options)[1]
+
+
+def model_and_op(
+    kind: str, cfg: Config, batch: int, seq: int, train_options: dict[str, Any]
+) -> tuple[Any, Callable[[], Any]]:
+    """The model and ``model_op``'s callable on it."""
+    if kind not in ("forward", "parallel_forward", "train", "parallel_train"):
+        raise ValueError(f"model_op kind must be forward or train, got {kind!r}")
     ids, targets = make_inputs(batch, seq, cfg.vocab_size)  # [B, S] int64
     model = make_model(cfg)
     if kind in ("forward", "parallel_forward"):
-        return lambda: model.forward(ids)
-    if kind in ("train", "parallel_train"):
-        trainer = make_trainer(model, batch, seq, train_options)
-        return lambda: trainer.train_step(ids, targets)
-    raise ValueError(f"model_op kind must be forward or train, got {kind!r}")
+        return model, lambda: model.forward(ids)
+    trainer = make_trainer(model, batch, seq, train_options)
+    return model, lambda: trainer.train_step(ids, targets)
 
 
 def config_of(sc: Scenario) -> Config:

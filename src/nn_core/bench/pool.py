@@ -3,7 +3,7 @@
 The pool is created once per benchmark run, before anything else touches the
 BLAS or Numba thread pools (so 'fork' is safe on Linux; otherwise 'spawn').
 Each worker builds every pool task's model/trainer at start-up (untimed, as the
-sibling implementations do), caps BLAS (and Numba) at one thread, runs one
+suite's other implementations do), caps BLAS (and Numba) at one thread, runs one
 untimed priming call per task, then waits on its own pipe for commands.
 
 A timed run sends ("run", key) to T workers and waits for all T replies; each

@@ -33,7 +33,7 @@ from .harness import (
 )
 from .ops import config_of, model_op
 from .pool import PoolTask, ProcessPool
-from .scenarios import SEED, Scenario, tokens_of
+from .scenarios import EXECUTORS, PARALLEL_EXECUTOR, SEED, Scenario, tokens_of
 from .summary import fmt_ns
 from .workloads import (
     ProcessParallelWorkload,
@@ -140,6 +140,44 @@ def measure_floor(gemm_size: int, bandwidth_bytes: int) -> FloorRates:
     )
 
 
+FLOOR_CHILD = (
+    "import json, sys; from nn_core.bench.runner import floor_child; "
+    "json.dump(floor_child(json.loads(sys.argv[1])), sys.stdout)"
+)
+
+
+def floor_child(args: dict[str, Any]) -> dict[str, Any]:
+    """In the floor's own process: the rates, with every selected scenario's optimizer
+    working set probed."""
+    from .scenarios import select
+
+    with threadpool_limits(limits=args.get("blas_threads"), user_api="blas"):  # the run's cap
+        rates = measure_floor(int(args["gemm_size"]), int(args["bandwidth_bytes"]))
+        for sc in select(args["ids"]):
+            scenario_floor(sc, rates)
+    return rates.to_json()
+
+
+def measure_floor_apart(
+    gemm_size: int, bandwidth_bytes: int, scenarios: list[Scenario], blas_threads: int | None
+) -> FloorRates:
+    """``measure_floor`` (and the scenarios' bandwidth probes) in a fresh interpreter: the
+    1 GFLOP GEMM on every thread and the 256 MiB copies would otherwise leave BLAS
+    thread buffers and heap resident in this process, counted in every scenario's peak
+    RSS though the library never needs them."""
+    args: dict[str, Any] = {"gemm_size": gemm_size, "bandwidth_bytes": bandwidth_bytes}
+    args.update(ids=[sc.id for sc in scenarios], blas_threads=blas_threads)
+    proc = subprocess.run(
+        [sys.executable, "-c", FLOOR_CHILD, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the floor probe exited {proc.returncode}")
+    return FloorRates.from_json(json.loads(proc.stdout))
+
+
 def scenario_floor(sc: Scenario, rates: FloorRates | None) -> dict[str, Any] | None:
     """Analytic flops (and optimizer bytes) of one run of ``sc``, and its floor in ns."""
     p = sc.params
@@ -192,10 +230,6 @@ class VariantResult:
     info: dict[str, Any]
     blas_threads: int | None
 
-    @property
-    def median_ns(self) -> int:
-        return median_int(self.measurement.timings_ns)
-
 
 def _run_variant(make: Callable[[], Workload], trials: int, warmup: int) -> VariantResult:
     gc.collect()
@@ -221,15 +255,6 @@ def _run_variant(make: Callable[[], Workload], trials: int, warmup: int) -> Vari
     return VariantResult(meas, peak, alloc, numerical, info, blas_threads)
 
 
-def auto_blas_threads(sc: Scenario) -> int:
-    """The BLAS thread policy, measured on the 2-core reference machine (README):
-    the tiny config's products (at most 64 x 64 x 1000) run fastest on one thread --
-    a second thread costs more to wake than it saves -- while the small config's
-    (64 x 256 x 1024) gain ~1.5x from all cores. Kernels and cold starts: one thread.
-    """
-    return (os.cpu_count() or 1) if sc.params.get("config") == "small" else 1
-
-
 def run_scenario(
     sc: Scenario,
     trials: int,
@@ -237,69 +262,48 @@ def run_scenario(
     pool: ProcessPool | None,
     rates: FloorRates | None,
     log: Callable[[str], None],
-    auto_blas: bool = True,
     train_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure one scenario and return its JSON record.
 
-    With ``auto_blas`` a single-model scenario runs with ``auto_blas_threads`` BLAS threads.
-    ``train_options``: TrainConfig fields of every trainer (default DEFAULT_TRAIN_OPTIONS).
+    The bench sets no BLAS thread count of its own for a single model: the library
+    chooses one per call (``nn_core.model.blas``), and a run-wide ``--blas-threads``
+    cap is the caller's limit the library obeys. The parallel axis runs on the executor
+    its params name (``scenarios.PARALLEL_EXECUTOR`` for the suite), fixed before
+    measuring; if that executor cannot run here the scenario fails (no fallback).
+    ``train_options``: TrainConfig fields of every trainer (default: none, TrainConfig's own).
     """
-    options = dict(DEFAULT_TRAIN_OPTIONS if train_options is None else train_options)
+    options = dict(train_options or {})
     params: dict[str, Any] = {k: v for k, v in sc.params.items() if k != "known_flops"}
+    semantics = params.pop("parallel_semantics", None)  # a scenario-level field
     params.setdefault("seed", SEED)
     if sc.kind != "kernel":
         params.setdefault("dtype", "float32")
     if sc.kind in PARALLEL_KINDS:
-        variants: dict[str, VariantResult] = {}
-        skipped: dict[str, str] = {}
-        if pool is not None:
-            try:
-                variants["processes"] = _run_variant(
-                    lambda: ProcessParallelWorkload(sc, pool), trials, warmup
-                )
-            except Exception as exc:
-                skipped["processes"] = f"{type(exc).__name__}: {exc}"
+        executor = str(params.get("executor", PARALLEL_EXECUTOR))
+        if executor == "processes":
+            if pool is None:
+                raise RuntimeError("the process pool could not start in this run")
+            res = _run_variant(lambda: ProcessParallelWorkload(sc, pool), trials, warmup)
+        elif executor == "threads":
+            reason = threads_unsafe_reason()
+            if reason is not None:
+                raise RuntimeError(f"threads executor unavailable: {reason}")
+            res = _run_variant(lambda: ThreadParallelWorkload(sc, options), trials, warmup)
         else:
-            skipped["processes"] = "no process pool in this run"
-        reason = threads_unsafe_reason()
-        if reason is None:
-            try:
-                variants["threads"] = _run_variant(
-                    lambda: ThreadParallelWorkload(sc, options), trials, warmup
-                )
-            except Exception as exc:
-                skipped["threads"] = f"{type(exc).__name__}: {exc}"
-        else:
-            skipped["threads"] = reason
-        if not variants:
-            raise RuntimeError(f"no executor could run {sc.id}: {skipped}")
-        best_name = min(variants, key=lambda k: variants[k].median_ns)
-        best = variants[best_name]
-        alternatives: dict[str, Any] = {
-            k: v.median_ns for k, v in variants.items() if k != best_name
-        }
-        alternatives.update({k: None for k in skipped})
-        params["executor"] = best_name
-        params["alternatives"] = alternatives
-        if skipped:
-            params["skipped_executors"] = skipped
-        for name, v in variants.items():
-            if name != best_name:
-                log(f"    {name}: median {fmt_ns(v.median_ns)}")
+            raise ValueError(f"scenario {sc.id}: executor must be one of {EXECUTORS}")
     else:
-        threads = auto_blas_threads(sc) if auto_blas else None
-        with threadpool_limits(limits=threads, user_api="blas"):  # None: leaves them as they are
-            best = _run_variant(lambda: build(sc, options), trials, warmup)
-    params.update({k: v for k, v in best.info.items() if k not in params})
-    # BLAS threads the measured work ran with (per worker for the process pool)
-    params["blas_threads"] = best.info.get("blas_threads_per_worker", best.blas_threads)
+        res = _run_variant(lambda: build(sc, options), trials, warmup)
+    params.update({k: v for k, v in res.info.items() if k not in params})
+    # BLAS threads the measured work ran with: per worker for the parallel axis, the
+    # library's own choice for a model (workloads.build records it), else the pool's count
+    params.setdefault("blas_threads", res.info.get("blas_threads_per_worker", res.blas_threads))
 
-    tokens = best.info.get("tokens", tokens_of(sc) if sc.kind != "kernel" else None)
+    tokens = res.info.get("tokens", tokens_of(sc) if sc.kind != "kernel" else None)
     floor = scenario_floor(sc, rates)
     if floor is not None:
         params["floor"] = {k: v for k, v in floor.items() if k != "flops"}
-    return build_record(sc, params, best, trials, warmup, tokens, floor)
+    return build_record(sc, params, res, trials, warmup, tokens, floor, semantics)
 
 
 def build_record(
@@ -310,8 +314,10 @@ def build_record(
     warmup: int,
     tokens: int | None,
     floor: dict[str, Any] | None,
+    parallel_semantics: str | None = None,
 ) -> dict[str, Any]:
-    """The scenario's JSON object, with the SPEC section 6 field names and order."""
+    """The scenario's JSON object, with the suite's field names and order
+    (docs/benchmark.md); ``parallel_semantics`` (parallel axis) sits beside ``id``."""
     m = res.measurement
     stats = timing_stats(m.timings_ns)
     med = stats["median_ns"]
@@ -327,8 +333,10 @@ def build_record(
         derived["flops"] = flops
         fns = floor.get("floor_ns")
         derived["floor_ratio"] = finite_or_none(fl.floor_ratio(med, fns)) if fns else None
-    rec: dict[str, Any] = {
-        "id": sc.id,
+    rec: dict[str, Any] = {"id": sc.id}
+    if parallel_semantics is not None:
+        rec["parallel_semantics"] = parallel_semantics
+    rec.update({
         "axis": sc.axis,
         "params": params,
         "timings_ns": m.timings_ns,
@@ -340,7 +348,7 @@ def build_record(
         "gc": {"total_gc_time_ns": m.gc_time_ns, "gc_pause_count": m.gc_count},
         "numerical": {**res.numerical, "max_abs": finite_or_none(res.numerical["max_abs"])},
         "derived": derived,
-    }
+    })  # fmt: skip
     if tokens is not None:
         rec["throughput_tokens_per_sec"] = finite_or_none(tokens / med_s) if med else None
     if "known_flops" in sc.params:
@@ -358,7 +366,7 @@ def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
     tasks: dict[str, PoolTask] = {}
     n = 0
     for sc in scenarios:
-        if sc.kind in PARALLEL_KINDS:
+        if sc.kind in PARALLEL_KINDS and sc.params.get("executor") == "processes":
             p = sc.params
             kind = "forward" if sc.kind == "parallel_forward" else "train"
             task = PoolTask(kind, str(p.get("config", "tiny")), int(p["batch"]), int(p["seq"]))
@@ -367,21 +375,33 @@ def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
     return n, list(tasks.values())
 
 
-def prime(scenarios: list[Scenario], train_options: dict[str, Any]) -> int:
-    """One untimed tiny forward (and train step, if selected) so lazy imports and any
-    cached JIT loading happen before the first timed region. Returns the ns it took."""
+TRAINER_KINDS = ("train", "parallel_train")
+
+
+def measuring_order(scenarios: list[Scenario]) -> list[Scenario]:
+    """The scenarios that build a trainer after all the others (each group in suite
+    order). A trainer may load the fused training kernels (Numba: ~65 MB and more once
+    its compiled kernels load) into this process for good; measured first, every
+    later scenario's peak RSS would carry them, though a program that only runs
+    forwards never loads them. The JSON lists the records in suite order all the same."""
+    return [s for s in scenarios if s.kind not in TRAINER_KINDS] + [
+        s for s in scenarios if s.kind in TRAINER_KINDS
+    ]
+
+
+def prime(scenarios: list[Scenario], train_options: dict[str, Any], train: bool) -> int:
+    """One untimed tiny forward (``train``: one train step) if the selection has such
+    scenarios, so lazy imports and any cached JIT loading happen before the first timed
+    region. Returns the ns it took."""
     from ..model.config import Config
 
     t0 = time.perf_counter_ns()
     kinds = {sc.kind for sc in scenarios}
-    if kinds & {"forward", "cold", "parallel_forward", "custom"}:
+    if not train and kinds - set(TRAINER_KINDS):
         model_op("forward", Config.tiny(), 1, 8, train_options)()
-    if kinds & {"train", "parallel_train"}:
+    if train and kinds & set(TRAINER_KINDS):
         model_op("train", Config.tiny(), 1, 8, train_options)()
     return time.perf_counter_ns() - t0
-
-
-DEFAULT_TRAIN_OPTIONS = {"kernels": "numba"}  # fused AdamW/norm: 4x faster train steps (tiny)
 
 
 @dataclass
@@ -394,8 +414,8 @@ class RunOptions:
     bandwidth_bytes: int = DEFAULT_BANDWIDTH_MIB << 20
     floor: bool = True
     blas_threads: int | None = None  # BLAS threads for the whole run (None: auto per scenario)
-    # TrainConfig overrides; the fused AdamW/norm kernels by default (README: measured)
-    train_options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAIN_OPTIONS))
+    # TrainConfig overrides (--set); none by default: trainers are what a library user gets
+    train_options: dict[str, Any] = field(default_factory=dict)
     isolate: bool = False  # each scenario in a fresh interpreter (per-scenario RSS, imports)
     floor_rates: FloorRates | None = None  # given: reuse instead of measuring (isolated child)
 
@@ -425,25 +445,35 @@ def _run_benchmark(
     blas = opts.blas_threads
     limits = threadpool_limits(limits=blas, user_api="blas") if blas else None
     try:
-        prime_ns = None
-        if not opts.isolate:
+        prime_ns: int | None = None
+
+        def prime_for(train: bool) -> None:
+            nonlocal prime_ns
+            if opts.isolate:
+                return
             try:
-                prime_ns = prime(scenarios, opts.train_options)
+                prime_ns = (prime_ns or 0) + prime(scenarios, opts.train_options, train)
             except Exception as exc:
                 log(f"priming failed ({type(exc).__name__}: {exc}); scenarios will report it")
+
+        prime_for(train=False)
         rates = opts.floor_rates
         if rates is None and opts.floor:
             log(f"measuring the floor: GEMM {opts.gemm_size}^3 float32, copy bandwidth")
-            rates = measure_floor(opts.gemm_size, opts.bandwidth_bytes)
+            rates = measure_floor_apart(opts.gemm_size, opts.bandwidth_bytes, scenarios, blas)
             log(
                 f"  GEMM {rates.gemm_flops_1_thread / 1e9:.1f} GFLOP/s (1 thread), "
                 f"{rates.gemm_flops_all_threads / 1e9:.1f} GFLOP/s ({rates.all_threads} threads)"
             )
-            for sc in scenarios:  # probe every optimizer working set now, not between scenarios
+            for sc in scenarios:  # any working set still unprobed: now, not between scenarios
                 scenario_floor(sc, rates)
         records: list[dict[str, Any]] = []
         failures: list[dict[str, str]] = []
-        for i, sc in enumerate(scenarios, 1):
+        primed_train = False
+        for i, sc in enumerate(measuring_order(scenarios), 1):
+            if sc.kind in TRAINER_KINDS and not primed_train:
+                prime_for(train=True)
+                primed_train = True
             log(f"[{i}/{len(scenarios)}] {sc.id}" + (" (fresh process)" if opts.isolate else ""))
             try:
                 if opts.isolate:
@@ -456,7 +486,6 @@ def _run_benchmark(
                         pool,
                         rates,
                         log,
-                        auto_blas=not blas,
                         train_options=opts.train_options,
                     )
             except Exception as exc:
@@ -469,10 +498,12 @@ def _run_benchmark(
                 log("    " + progress_line(rec))
         policy = {
             "single_model": (
-                f"BLAS capped at {blas} thread(s) by --blas-threads"
+                f"BLAS capped at {blas} thread(s) by --blas-threads; within it the "
+                "library's own choice per call (nn_core.model.blas)"
                 if blas
-                else "auto per scenario (runner.auto_blas_threads): 1 thread for the tiny "
-                "config, kernels and cold start; all cores for the small config"
+                else "the library's own choice per call (nn_core.model.blas: one thread "
+                "for products under 8M multiply-adds, else all the pool allows); the "
+                "bench sets none"
             ),
             "parallel_threads": "BLAS capped at 1 thread process-wide while T threads run",
             "parallel_processes": "each worker process: BLAS 1 thread, NUMBA_NUM_THREADS=1",
@@ -485,7 +516,8 @@ def _run_benchmark(
             "isolation": (
                 "each scenario in a fresh interpreter (python -m nn_core bench --scenario ID)"
                 if opts.isolate
-                else "all scenarios in this process, in suite order"
+                else "all scenarios in this process: those that build a trainer after "
+                "the others, each group in suite order (runner.measuring_order)"
             ),
             "peak_rss_scope": scope,
             "malloc": "allocator defaults (the library reuses its buffers; nothing is tuned)",
@@ -512,6 +544,8 @@ def _run_benchmark(
             pool.close()
     from .scenarios import EXTRAS
 
+    rank = {sc.id: i for i, sc in enumerate(scenarios)}
+    records.sort(key=lambda r: rank[r["id"]])  # suite order in the JSON
     doc: dict[str, Any] = {"metadata": meta}
     doc["scenarios"] = [r for r in records if r["id"] not in EXTRAS]  # the suite's 22
     extras = [r for r in records if r["id"] in EXTRAS]
@@ -574,12 +608,11 @@ def progress_line(rec: dict[str, Any]) -> str:
 
 
 def train_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE overrides of TrainConfig fields (the one syntax: ``parse_assignment``) on
-    top of DEFAULT_TRAIN_OPTIONS, validated by building a TrainConfig."""
+    """KEY=VALUE overrides of TrainConfig fields (the one syntax: ``parse_assignment``),
+    validated by building a TrainConfig."""
     from ..model.config import parse_assignment
     from ..training.config import TrainConfig
 
-    out: dict[str, Any] = dict(DEFAULT_TRAIN_OPTIONS)
-    out.update(parse_assignment(item) for item in items)
+    out: dict[str, Any] = dict(parse_assignment(item) for item in items)
     TrainConfig.from_dict(out)  # unknown field / bad value: ConfigError now, not mid-run
     return out

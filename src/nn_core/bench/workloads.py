@@ -15,8 +15,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..model.config import Config
-from .harness import Workload, numerical_stats, traced_alloc_bytes
-from .ops import config_of, model_op
+from .harness import Workload, numerical_stats, peak_rss_bytes, traced_alloc_bytes
+from .ops import config_of, model_and_op, model_op
 from .pool import PoolTask, ProcessPool
 from .scenarios import SEED, Scenario, make_inputs
 
@@ -216,11 +216,25 @@ class ProcessParallelWorkload(Workload):
             "max_abs": max(s["max_abs"] for s in stats),
         }
 
-    def close(self) -> None:
-        self.info["worker_peak_rss_bytes"] = self.pool.call(self.t, "rss")
+    def peak_rss(self) -> int:
+        """The memory of every instance: this (parent) process's peak plus each of the T
+        workers' peak since the scenario started (their peaks may fall at different
+        moments, so the sum is an upper bound of the simultaneous total)."""
+        parent = peak_rss_bytes()
+        workers = [int(r) for r in self.pool.call(self.t, "rss")]
+        self.info["peak_rss_parent_bytes"] = parent
+        self.info["peak_rss_worker_bytes"] = workers
+        return parent + sum(workers)
 
 
 # ---------------------------------------------------------------------------- dispatch
+
+
+def blas_pool_threads() -> int | None:
+    """The BLAS pool's thread count now, as the library reads it."""
+    from ..model.blas import current_threads
+
+    return current_threads()
 
 
 def build(sc: Scenario, train_options: dict[str, Any], context: Any = None) -> Workload:
@@ -235,7 +249,15 @@ def build(sc: Scenario, train_options: dict[str, Any], context: Any = None) -> W
         return KernelWorkload(sc)
     cfg = config_of(sc)
     if sc.kind in ("forward", "train"):
-        return CallWorkload(model_op(sc.kind, cfg, p["batch"], p["seq"], train_options))
+        model, op = model_and_op(sc.kind, cfg, p["batch"], p["seq"], train_options)
+        chosen = model.blas_threads_for(int(p["batch"]) * int(p["seq"]))
+        return CallWorkload(
+            op,
+            {  # what the library chooses per call (None: all the pool allows)
+                "blas_threads": chosen if chosen is not None else blas_pool_threads(),
+                "blas_threads_chosen_by": "the library (nn_core.model.blas)",
+            },
+        )
     if sc.kind == "cold":
         return CallWorkload(
             cold_op(cfg, p["batch"], p["seq"]),

@@ -12,6 +12,7 @@ Shape legend: B batch, S sequence (seq_len), T number of tokens in a split.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +23,29 @@ from ..checks import check_generator_state, check_int
 from ..errors import CheckpointError, ConfigError, InputError
 from .tokenizer import ByteTokenizer, IntArray
 
+GATHER_ROWS = 32  # windows read from a memory map between two releases of its pages
+
 # ---- splits and batches ----------------------------------------------------------------
 
 
 def _token_ids(ids: ArrayLike, name: str) -> IntArray:
+    """A 1-D integer array as it is (a memory map stays one: nothing is read or copied);
+    anything else converted to int64."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+        return ids  # type: ignore[return-value]
     arr = np.asarray(ids)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"{name} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
     return arr.astype(np.int64)
+
+
+def split_point(n_tokens: int, val_fraction: float) -> int:
+    """T_val of the split rule: floor(T * val_fraction), clamped to [1, T - 1]."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if n_tokens < 2:
+        raise InputError(f"need at least 2 tokens to split into train and val, got {n_tokens}")
+    return min(max(int(n_tokens * val_fraction), 1), n_tokens - 1)
 
 
 def split_tokens(ids: ArrayLike, val_fraction: float = 0.1) -> tuple[IntArray, IntArray]:
@@ -37,13 +53,32 @@ def split_tokens(ids: ArrayLike, val_fraction: float = 0.1) -> tuple[IntArray, I
 
     T_val = floor(T * val_fraction), clamped so that both splits hold at least one token.
     """
-    arr = _token_ids(ids, "ids")
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    if arr.size < 2:
-        raise InputError(f"need at least 2 tokens to split into train and val, got {arr.size}")
-    n_val = min(max(int(arr.size * val_fraction), 1), arr.size - 1)
-    return arr[:-n_val].copy(), arr[-n_val:].copy()
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    n_val = split_point(arr.size, val_fraction)
+    return arr[:-n_val].astype(np.int64), arr[-n_val:].astype(np.int64)
+
+
+def gather_windows(ids: IntArray, starts: IntArray, length: int) -> IntArray:
+    """ids[starts[b] : starts[b] + length] for each b -> int64 [B, length].
+
+    On a memory map (``np.memmap``) only the pages of those windows are read, and the
+    map's pages are released from this process's resident memory afterwards (madvise
+    DONTNEED; the file stays in the page cache), so a corpus of any size keeps memory flat.
+    """
+    offsets = np.arange(length)  # [L]
+    mm = getattr(ids, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return np.array(ids[starts[:, None] + offsets], dtype=np.int64)  # [B, L]
+    window = np.empty((starts.size, length), dtype=np.int64)  # [B, L]
+    for lo in range(0, starts.size, GATHER_ROWS):  # a few rows at a time, then release:
+        rows = starts[lo : lo + GATHER_ROWS]
+        window[lo : lo + rows.size] = ids[rows[:, None] + offsets]
+        # the whole map: the kernel also maps the pages around each one read
+        # ("fault-around"); dropping a range with nothing resident costs one syscall
+        mm.madvise(mmap.MADV_DONTNEED)
+    return window
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +127,7 @@ class BatchSampler:
         """-> (inputs int64 [B, S], targets int64 [B, S]), targets = inputs shifted by one."""
         n_starts = self.ids.size - self.seq_len  # valid starts are 0 .. T-S-1
         starts = self._rng.integers(0, n_starts, size=self.batch_size)  # [B]
-        window = self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # [B, S+1]
+        window = gather_windows(self.ids, starts, self.seq_len + 1)  # [B, S+1]
         self.batches_drawn += 1
         return np.ascontiguousarray(window[:, :-1]), np.ascontiguousarray(window[:, 1:])
 
@@ -147,7 +182,7 @@ def eval_batches(
     if max_batches is not None:
         n_take = min(n_windows, check_int(max_batches, "max_batches", 1) * batch_size)
     starts = (np.arange(n_take) * n_windows // n_take) * seq_len  # [n_take], increasing
-    window = arr[starts[:, None] + np.arange(seq_len + 1)]  # [n_take, S+1]
+    window = gather_windows(arr, starts, seq_len + 1)  # [n_take, S+1]
     return [
         (np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:]))
         for w in (window[i : i + batch_size] for i in range(0, n_take, batch_size))
@@ -159,6 +194,11 @@ def unigram_entropy(ids: ArrayLike) -> float:
     arr = _token_ids(ids, "ids")
     if arr.size == 0 or arr.min() < 0:
         raise InputError("ids must be a non-empty array of non-negative token ids")
-    counts = np.bincount(arr)
-    p = counts[counts > 0] / arr.size
+    return entropy_of_counts(np.bincount(arr))
+
+
+def entropy_of_counts(counts: ArrayLike) -> float:
+    """H = -sum_t p_t log p_t of token counts [V] (p_t = counts_t / total)."""
+    counts = np.asarray(counts)
+    p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -1,4 +1,4 @@
-"""Token sampling (SPEC.md section 4): greedy, temperature, top-k and top-p (nucleus).
+"""Token sampling: greedy, temperature, top-k, top-p (nucleus), min-p, repetition penalty.
 
 As in llama2.c's ``run.c``: a few small pure functions on rows of logits
 (``sample_argmax``, ``softmax64``, ``sample_mult``, ``top_k_mask``, ``top_p_mask``)
@@ -13,6 +13,11 @@ checked against a direct formula and the draws against the distribution:
 - TopK(k, t): softmax(logits / t) over the k highest logits, 0 elsewhere.
 - TopP(p, t): q = softmax(logits / t); the nucleus is the smallest set of most probable
   ids whose mass under q reaches p; q renormalized over the nucleus, 0 elsewhere.
+- MinP(p_min, t): q = softmax(logits / t); keep the ids with q_i >= p_min * max_j q_j,
+  renormalized over them, 0 elsewhere (the most probable id is always kept).
+- RepetitionPenalty(penalty, base): every id already in the context (``history``) has
+  its logit x replaced by x / penalty when x > 0 and x * penalty otherwise (so
+  penalty > 1 makes repeats less likely), then ``base`` samples from the result.
 - Greedy, and any strategy at temperature 0: a one-hot on the argmax.
 Ties: the lower id wins (argmax, the top-k boundary, the order of the nucleus).
 
@@ -44,7 +49,7 @@ from ..checks import check_int, check_number
 from ..errors import ConfigError, InputError
 from ..model.tensor import softmax
 
-STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p")
+STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p", "min_p")
 
 
 # ---- small pure functions on [B, V] float64 logits -------------------------------------
@@ -137,6 +142,50 @@ def top_p_mask(probs: NDArray[np.float64], p: float) -> NDArray[np.bool_]:
     return keep
 
 
+def min_p_mask(probs: NDArray[np.float64], p_min: float) -> NDArray[np.bool_]:
+    """[B, V] -> [B, V] bool: min-p, True where probs >= p_min * the row's max probability
+    (the most probable id is always kept; p_min = 0 keeps every id)."""
+    return probs >= p_min * probs.max(axis=-1, keepdims=True)
+
+
+def repetition_penalize(
+    logits: NDArray[np.float64], seen: NDArray[np.bool_], penalty: float
+) -> NDArray[np.float64]:
+    """[B, V] logits, [B, V] bool seen -> [B, V]: the repetition penalty (CTRL, Keskar et
+    al. 2019, as in transformers): x -> x / penalty if x > 0 else x * penalty where seen."""
+    scaled = np.where(logits > 0, logits / penalty, logits * penalty)  # [B, V]
+    return np.where(seen, scaled, logits)
+
+
+def seen_mask(history: Any, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """The ids of ``history`` as a [B, V] bool mask: an int array [B, T] (or [T] when
+    B = 1), or a sequence of B 1-D id sequences (ragged). Ids outside [0, V) -> InputError."""
+    rows_n, vocab = shape
+    arr = np.asarray(history) if isinstance(history, np.ndarray) else None
+    if arr is not None and arr.ndim == 1 and rows_n == 1:
+        arr = arr[None, :]
+    rows = list(arr) if arr is not None and arr.ndim == 2 else list(history)
+    if len(rows) != rows_n:
+        raise InputError(
+            f"history must hold one row of ids per logits row ({rows_n}), got {len(rows)}"
+        )
+    seen = np.zeros(shape, dtype=np.bool_)  # [B, V]
+    for b, row in enumerate(rows):
+        ids = np.asarray(row)
+        if ids.size == 0:
+            continue
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(
+                f"history row {b} must be 1-D integer ids, got {ids.dtype} {ids.shape}"
+            )
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InputError(
+                f"history row {b} holds ids outside [0, {vocab}) (min {ids.min()}, max {ids.max()})"
+            )
+        seen[b, ids] = True
+    return seen
+
+
 # ---- parameter checks ------------------------------------------------------------------
 
 
@@ -161,11 +210,17 @@ class SamplingStrategy:
         """[B, V] float64 logits -> [B, V] float64 probabilities (not greedy)."""
         raise NotImplementedError  # pragma: no cover
 
-    def probs(self, logits: ArrayLike) -> NDArray[np.float64]:
+    @property
+    def uses_history(self) -> bool:
+        """True when the strategy looks at the ids already in the context (``history``)."""
+        return False
+
+    def probs(self, logits: ArrayLike, history: Any = None) -> NDArray[np.float64]:
         """The distribution ``pick_tokens`` samples from, float64; each row sums to 1.
 
         Logits [B, V] -> [B, V], or one row [V] -> [V]. Greedy (temperature 0): a
-        one-hot on the argmax (lowest id on ties).
+        one-hot on the argmax (lowest id on ties). ``history`` (the context's ids, see
+        ``seen_mask``) is used only by strategies whose ``uses_history`` is True.
         """
         arr = np.asarray(logits)
         x = check_logits(arr, ndim=1 if arr.ndim == 1 else 2)  # [V] or [B, V]
@@ -178,7 +233,7 @@ class SamplingStrategy:
         return out.reshape(x.shape)
 
     def pick_tokens(
-        self, logits: ArrayLike, rng: np.random.Generator | None = None
+        self, logits: ArrayLike, rng: np.random.Generator | None = None, history: Any = None
     ) -> NDArray[np.int64]:
         """Logits [B, V] -> token ids int64 [B]: inverse CDF over ``probs``, one uniform
         per row (row order); greedy takes the argmax and draws nothing."""
@@ -190,10 +245,13 @@ class SamplingStrategy:
         u = rng.random((x.shape[0],))  # [B], one uniform per row, in row order
         return sample_mult(self._probs(x.astype(np.float64, copy=False)), u)
 
-    def pick_token(self, logits: ArrayLike, rng: np.random.Generator | None = None) -> int:
+    def pick_token(
+        self, logits: ArrayLike, rng: np.random.Generator | None = None, history: Any = None
+    ) -> int:
         """Logits [V] -> one token id. Same result as row b of ``pick_tokens``."""
         x = check_logits(logits, ndim=1)  # [V]
-        return int(self.pick_tokens(x[None, :], rng)[0])
+        hist = None if history is None else [np.asarray(history)]
+        return int(self.pick_tokens(x[None, :], rng, history=hist)[0])
 
 
 @dataclass(frozen=True)
@@ -261,23 +319,112 @@ class TopP(SamplingStrategy):
         return kept / kept.sum(axis=-1, keepdims=True)  # renormalized over the nucleus
 
 
+@dataclass(frozen=True)
+class MinP(SamplingStrategy):
+    """Min-p sampling: q = softmax(logits / temperature); sample from q renormalized over
+    the tokens with q_i >= p_min * max_j q_j (a cut relative to the most probable token)."""
+
+    p_min: float = 0.05  # in [0, 1]; 0 keeps every token, 1 only the most probable ones
+    temperature: float = 1.0  # >= 0 and finite; 0 = greedy
+
+    def __post_init__(self) -> None:
+        check_number(self.p_min, "p_min (min_p)", 0.0, 1.0)
+        _check_temperature(self.temperature)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
+        q = softmax64(logits, self.temperature)  # [B, V], with the temperature
+        kept = np.where(min_p_mask(q, float(self.p_min)), q, 0.0)  # [B, V]
+        return kept / kept.sum(axis=-1, keepdims=True)  # renormalized over the kept ids
+
+
+@dataclass(frozen=True)
+class RepetitionPenalty(SamplingStrategy):
+    """``base`` sampling from logits where every id in ``history`` is penalized:
+    x / penalty if x > 0, else x * penalty (``repetition_penalize``). penalty 1 changes
+    nothing; > 1 discourages repeats. Without a history nothing is penalized."""
+
+    penalty: float = 1.1  # > 0 and finite
+    base: SamplingStrategy = Greedy()
+
+    def __post_init__(self) -> None:
+        check_number(
+            self.penalty,
+            "penalty (repetition_penalty)",
+            0.0,
+            math.inf,
+            low_open=True,
+            high_open=True,
+        )
+        if not isinstance(self.base, SamplingStrategy) or isinstance(self.base, RepetitionPenalty):
+            raise ConfigError(
+                f"base must be a SamplingStrategy other than RepetitionPenalty, got {self.base!r}"
+            )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.base.is_greedy
+
+    @property
+    def uses_history(self) -> bool:
+        return True
+
+    def _penalized(self, logits: ArrayLike, history: Any) -> NDArray[np.float64]:
+        """Logits [B, V] or [V] -> the same shape, float64, penalized where seen."""
+        arr = np.asarray(logits)
+        x = check_logits(arr, ndim=1 if arr.ndim == 1 else 2)  # [V] or [B, V]
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # [B, V]
+        if history is not None:
+            if x.ndim == 1:
+                history = [np.asarray(history)]
+            rows = repetition_penalize(rows, seen_mask(history, rows.shape), float(self.penalty))
+        return rows.reshape(x.shape)
+
+    def probs(self, logits: ArrayLike, history: Any = None) -> NDArray[np.float64]:
+        return self.base.probs(self._penalized(logits, history))
+
+    def pick_tokens(
+        self, logits: ArrayLike, rng: np.random.Generator | None = None, history: Any = None
+    ) -> NDArray[np.int64]:
+        x = check_logits(logits, ndim=2)  # [B, V]
+        return self.base.pick_tokens(self._penalized(x, history), rng)
+
+
 def make_strategy(
-    name: str, *, temperature: float = 1.0, top_k: int = 40, top_p: float = 0.9
+    name: str,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 40,
+    top_p: float = 0.9,
+    min_p: float = 0.05,
+    repetition_penalty: float = 1.0,
 ) -> SamplingStrategy:
-    """Build a strategy by name (for the CLI): greedy, temperature (alias sample), top_k, top_p.
+    """Build a strategy by name (for the CLI): greedy, temperature (alias sample), top_k,
+    top_p, min_p; wrapped in RepetitionPenalty when ``repetition_penalty`` != 1.
 
     Hyphens are accepted for underscores ("top-k"). Parameters a strategy does not use
     are ignored; the ones it uses are validated (ConfigError).
     """
     key = name.strip().lower().replace("-", "_")
+    strategy: SamplingStrategy
     if key == "greedy":
-        return Greedy()
-    if key in ("temperature", "sample"):
-        return Temperature(temperature)
-    if key == "top_k":
-        return TopK(top_k, temperature)
-    if key == "top_p":
-        return TopP(top_p, temperature)
-    raise ConfigError(
-        f"strategy must be one of greedy, temperature (alias sample), top_k, top_p; got {name!r}"
-    )
+        strategy = Greedy()
+    elif key in ("temperature", "sample"):
+        strategy = Temperature(temperature)
+    elif key == "top_k":
+        strategy = TopK(top_k, temperature)
+    elif key == "top_p":
+        strategy = TopP(top_p, temperature)
+    elif key == "min_p":
+        strategy = MinP(min_p, temperature)
+    else:
+        raise ConfigError(
+            "strategy must be one of greedy, temperature (alias sample), top_k, top_p, min_p; "
+            f"got {name!r}"
+        )
+    if repetition_penalty != 1.0:
+        return RepetitionPenalty(repetition_penalty, strategy)
+    return strategy

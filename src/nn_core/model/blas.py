@@ -25,10 +25,14 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
-# A product of at least this many multiply-adds (m * n * k) runs on every thread the
-# pool allows; smaller ones on one. Measured on the 2-core reference machine: the tiny
-# config's largest product (64 x 64 x 1000 = 4.1M) is fastest on one thread, the small
-# config's (64 x 256 x 2048 = 33.6M) on two.
+# A call whose largest product has at least this many multiply-adds (m * n * k, as
+# MoETransformer.blas_threads_for estimates it) runs on every thread the pool allows;
+# smaller ones on one. Measured on the 2-core reference machine, idle: the tiny
+# config's forward at batch 2, seq 32 (LM head 64 x 64 x 1000 = 4.1M) is fastest on one
+# thread, the small config's (an expert's gate|up at even load, 64 x 256 x 1024 =
+# 16.8M) on two. The tiny config at batch 8, seq 32 (256 x 64 x 1000 = 16.4M) also gets
+# two. On a machine whose cores are busy with other processes, a second BLAS thread
+# can cost several times what it saves (it waits for a core).
 MULTI_THREAD_MIN_MACS = 8 << 20
 
 

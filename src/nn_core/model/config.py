@@ -1,4 +1,4 @@
-"""Model configuration (SPEC.md section 1): a frozen, validated dataclass.
+"""Model configuration (docs/model.md, section 1): a frozen, validated dataclass.
 
 Shape legend used across the package:
     B batch, S sequence, H hidden_dim, nH n_heads, nKV n_kv_heads, D head_dim,
@@ -107,7 +107,7 @@ class Config(DictConfig):
                 f"got {self.head_dim}"
             )
 
-    # ---- presets (SPEC.md section 1) -------------------------------------------------
+    # ---- presets (docs/model.md, section 1) ------------------------------------------
     @classmethod
     def tiny(cls) -> Config:
         """Tests and benchmarks: about 0.54M parameters."""

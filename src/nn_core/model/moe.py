@@ -50,7 +50,7 @@ def router_forward(
     softmax(probs_t, axis=0, out=probs_t, may_be_masked=False)  # probs^T   [E, N]
     top_t = np.argsort(-probs_t, axis=0, kind="stable")[:top_k]  # [K, N]
     weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
-    kept_sum = weights_t.sum(axis=0, keepdims=True)  # S   [1, N]
+    kept_sum = np.add.reduce(weights_t, axis=0, keepdims=True)  # S   [1, N]
     weights_t /= kept_sum  # renormalized top-k: w_k = p_k / S
     flat = top_t.reshape(-1)  # [C] expert of assignment a = k*N + t
     order = np.argsort(flat, kind="stable")  # [C] grouped by expert
@@ -120,7 +120,7 @@ def router_backward(
     """
     probs, top_idx, kept_sum, weights = routing[:4]
     n, n_experts = probs.shape
-    dkept = dweights - np.sum(weights * dweights, axis=1, keepdims=True)  # [N, K]
+    dkept = dweights - np.add.reduce(weights * dweights, axis=1, keepdims=True)  # [N, K]
     dkept /= kept_sum
     # experts along rows, as in the forward: dprobs^T [E, N]
     dprobs_t = buffer(ws, key + "dprobs_t", (n_experts, n), x.dtype)
@@ -173,7 +173,7 @@ def moe_forward(
     slots = buffer(ws, key + "slots", (c, hidden), dt)
     slots[routing.order] = weighted  # scatter back to (slot, token) order   [K*N, H]
     out = buffer(ws, key + "out", (n, hidden), dt)
-    np.sum(slots.reshape(top_k, n, hidden), axis=0, out=out)  # sum_k w_k y_k   [N, H]
+    np.add.reduce(slots.reshape(top_k, n, hidden), axis=0, out=out)  # sum_k w_k y_k   [N, H]
     return out, MoECache(x, routing, tokens, gate, ys, experts)
 
 
@@ -204,7 +204,7 @@ def moe_backward(
     slots = buffer(ws, key + "dslots", (c, hidden), dt)
     slots[routing.order] = dxs  # back to (slot, token) order
     dx = buffer(ws, key + "dx", (n, hidden), dt)
-    np.sum(slots.reshape(top_k, n, hidden), axis=0, out=dx)  # scatter-add over slots
+    np.add.reduce(slots.reshape(top_k, n, hidden), axis=0, out=dx)  # scatter-add over slots
     dweights_t = np.empty(c, dt)
     dweights_t[routing.order] = dgate
     dx += router_backward(

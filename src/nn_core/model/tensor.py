@@ -39,14 +39,15 @@ def exp_shifted(
     Callers that know every row has a finite entry (attention: a query always sees its
     own key) pass ``may_be_masked=False`` and save the check.
     """
-    m = np.max(x, axis=axis, keepdims=True)
+    # ufunc.reduce directly: np.max / np.sum add a Python wrapper layer per call
+    m = np.maximum.reduce(x, axis=axis, keepdims=True)
     masked = None
     if may_be_masked and not np.isfinite(m).all():  # rare: rows of -inf (inf/NaN stay visible)
         masked = m == -np.inf
         m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
     e = np.subtract(x, m, out=out)
     np.exp(e, out=e)
-    s = np.sum(e, axis=axis, keepdims=True)
+    s = np.add.reduce(e, axis=axis, keepdims=True)
     if masked is not None:
         s[masked] = 1
     return e, m, s
@@ -68,7 +69,7 @@ def softmax_backward(
     dp: np.ndarray, p: np.ndarray, axis: int = -1, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Softmax backward: dz = p . (dp - sum_j p_j dp_j).   ``out`` may be ``dp``."""
-    dot = np.sum(p * dp, axis=axis, keepdims=True)  # sum_j p_j dp_j
+    dot = np.add.reduce(p * dp, axis=axis, keepdims=True)  # sum_j p_j dp_j
     dz = np.subtract(dp, dot, out=out)
     dz *= p
     return dz

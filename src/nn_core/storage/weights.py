@@ -86,7 +86,7 @@ def weights_metadata(model: MoETransformer) -> dict[str, str]:
 def export_weights(checkpoint: PathLike, out_file: PathLike, *, overwrite: bool = False) -> Path:
     """Write the weights of a checkpoint as one .safetensors file; returns its path.
 
-    ``checkpoint``: a model directory (``MoETransformer.save``), a training checkpoint
+    ``checkpoint``: a model directory (``save_model``), a training checkpoint
     or a run directory (its ``latest``); it is verified as ``load_model`` does. The file
     is written atomically (temp file + rename), byte-reproducibly (sorted header), with
     the umask's mode. ``out_file``'s directory must exist; an existing nn-core weights
@@ -212,7 +212,7 @@ def import_weights(
 ) -> Path:
     """Verify a weights file (``load_weights``) and write it as an nn-core model directory
     (``checkpoint.save_model``: atomic, SHA-256 recorded), loadable with
-    ``MoETransformer.load``; returns the directory.
+    ``nn_core.load_model``; returns the directory.
 
     ``out_dir`` must be absent, empty or an nn-core model directory (replaced); another
     nn-core directory (a run, a training checkpoint) only with ``overwrite=True``; any

@@ -35,7 +35,8 @@ DEFAULT_RUN: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class TrainConfig(DictConfig):
-    """Training hyper-parameters; SPEC.md section 3 defaults. Validated on construction."""
+    """Training hyper-parameters; the suite's defaults (docs/training.md, TrainConfig).
+    Validated on construction."""
 
     KIND = "train config"  # how errors name it (not a field: no annotation)
 
@@ -49,13 +50,16 @@ class TrainConfig(DictConfig):
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
-    weight_decay: float = 0.1  # decoupled weight decay, applied to every parameter (SPEC)
+    weight_decay: float = 0.1  # decoupled weight decay, every parameter (docs/training.md)
     activation_checkpointing: bool = False  # recompute block internals in the backward
     eval_interval: int = 500  # evaluate after every this many updates (0: never)
     checkpoint_interval: int = 1000  # checkpoint after every this many updates (0: end only)
     keep_checkpoints: int = 3  # newest step checkpoints kept in a run directory
     seed: int = 42  # seed of the trainer's np.random.Generator (saved with checkpoints)
-    kernels: str = "numpy"  # AdamW and gradient norm: "numpy" (reference) or "numba" (fused)
+    kernels: str = "numba"  # AdamW and gradient norm: "numba" (fused) or "numpy" (reference)
+    # M: the batch_size rows of an update run as M micro-batches of batch_size / M rows
+    # (gradients summed, one AdamW step): the same update, in 1/M of the activation memory
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
         ints = {  # name -> smallest allowed value
@@ -67,10 +71,16 @@ class TrainConfig(DictConfig):
             "checkpoint_interval": 0,
             "keep_checkpoints": 1,
             "seed": 0,
+            "grad_accum_steps": 1,
         }
         for name, low in ints.items():
             check_int(getattr(self, name), name, low)
         check_choice(self.kernels, "kernels", KERNELS)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"grad_accum_steps must divide batch_size ({self.batch_size}) into equal "
+                f"micro-batches, got {self.grad_accum_steps}"
+            )
         if self.warmup_steps >= self.total_steps:
             raise ConfigError(
                 f"warmup_steps must be < total_steps ({self.total_steps}), got {self.warmup_steps}"

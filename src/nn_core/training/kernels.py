@@ -1,6 +1,6 @@
 """Fused compiled kernels (Numba) for the memory-bound passes of a train step.
 
-The plain-NumPy functions in ``train.py`` are the reference; these do the same
+The plain-NumPy functions in ``optim.py`` are the reference; these do the same
 arithmetic in one pass over the flat buffers instead of ~13 (AdamW, split over
 the cores) or 3 (gradient norm, one vectorized thread). Tests hold the two equal to float
 rounding. Numba is imported only when a kernel is first asked for (importing it

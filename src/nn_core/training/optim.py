@@ -75,7 +75,7 @@ def adamw_update(
 ) -> None:
     """One AdamW step in place over flat buffers [P] (the plain-NumPy reference kernel).
 
-    SPEC.md section 3:
+    The AdamW formula (docs/training.md, section 4):
         m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
         m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)
         w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)
@@ -129,7 +129,8 @@ class AdamW:
 
     ``m`` and ``v`` are flat buffers of the same layout and dtype; ``t`` counts the
     updates applied (the bias-correction exponent of the next update is ``t + 1``).
-    Weight decay applies to every parameter, gains and embedding included (SPEC.md).
+    Weight decay applies to every parameter, gains and embedding included
+    (docs/training.md, section 4).
     """
 
     def __init__(
@@ -234,9 +235,9 @@ def clip_grad_norm(
 ) -> float:
     """Gradient clipping over all gradients at once; returns the norm BEFORE clipping.
 
-    SPEC.md: if norm > clip: g *= clip / (norm + 1e-12). The norm is accumulated in
-    float64 (``global_norm``). A non-finite norm leaves the gradients untouched (the
-    trainer refuses the step).
+    docs/training.md, section 3: if norm > clip: g *= clip / (norm + 1e-12). The norm is
+    accumulated in float64 (``global_norm``). A non-finite norm leaves the gradients
+    untouched (the trainer refuses the step).
     """
     norm = norm_fn(flat_grads)
     if math.isfinite(norm) and norm > max_norm:

@@ -4,7 +4,8 @@ Shape legend: L layers, E experts, K top-k, N tokens, V vocab.
 
 Computed from ``nn_core.model.moe.RoutingStats`` (per layer: assignments per expert,
 summed router probabilities, summed routing entropy, tokens), the sums the forward
-already builds for the aux loss; nothing here runs the model again. Per layer l:
+already builds for the aux loss (for a training step: ``Trainer.last_routing_stats``, its
+whole batch over micro-batches and ranks); nothing here runs the model again. Per layer l:
 
     load[l][e]    f_e = c_e / (N K): the fraction of (token, slot) assignments that went
                   to expert e -- the aux loss's f_e. Sums to 1; a uniform router gives 1/E.
@@ -34,7 +35,9 @@ import numpy as np
 
 from ..checks import check_int
 from ..errors import InputError
+from ..model.config import Config
 from ..model.moe import RoutingStats, routing_stats
+from .distributed import sum_stats
 
 if TYPE_CHECKING:
     from ..model.transformer import MoETransformer
@@ -97,22 +100,12 @@ def expert_telemetry(stats: Sequence[RoutingStats]) -> ExpertTelemetry:
     return ExpertTelemetry(load, prob, entropy, max_min, unused, tokens)
 
 
-def add_routing_stats(
-    total: Sequence[RoutingStats] | None, stats: Sequence[RoutingStats]
-) -> list[RoutingStats]:
-    """Per layer sums of two batches' routing statistics (``total`` None: ``stats``)."""
-    if total is None:
-        return list(stats)
-    if len(total) != len(stats):
-        raise InputError(f"routing statistics of {len(total)} and {len(stats)} layers")
+def empty_routing_stats(config: Config) -> list[RoutingStats]:
+    """Per layer, the routing statistics of no tokens (zeros): the start of a sum
+    (``nn_core.training.distributed.sum_stats`` adds two batches' statistics)."""
+    e = config.n_experts
     return [
-        RoutingStats(
-            a.counts + b.counts,
-            a.prob_sum + b.prob_sum,
-            a.entropy_sum + b.entropy_sum,
-            a.tokens + b.tokens,
-        )
-        for a, b in zip(total, stats, strict=True)
+        RoutingStats(np.zeros(e, np.int64), np.zeros(e), 0.0, 0) for _ in range(config.n_layers)
     ]
 
 
@@ -153,7 +146,7 @@ def expert_report(
     n_layers, n_experts, vocab = cfg.n_layers, cfg.n_experts, cfg.vocab_size
     pairs = np.zeros((n_layers, n_experts * vocab), np.int64)  # [L, E*V] (expert, token)
     freq = np.zeros(vocab, np.int64)  # [V] tokens of the text
-    total: list[RoutingStats] | None = None
+    total = empty_routing_stats(cfg)  # summed over the batches
     for inputs, targets in batches:
         state = model.forward_loss(inputs, targets, 0.0)
         ids = np.asarray(inputs, np.int64).reshape(-1)  # [N]
@@ -163,8 +156,8 @@ def expert_report(
             pairs[i] += np.bincount(
                 (routing.top_idx * vocab + ids[:, None]).reshape(-1), minlength=n_experts * vocab
             )
-        total = add_routing_stats(total, [routing_stats(r) for r in state.routing])
-    if total is None:
+        total = sum_stats(total, [routing_stats(r) for r in state.routing])
+    if total[0].tokens == 0:
         raise InputError("batches is empty: no text to route")
     tel = expert_telemetry(total)
     token_share = freq / freq.sum()  # [V] each token's frequency in the text

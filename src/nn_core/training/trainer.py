@@ -30,8 +30,9 @@ from .config import TrainConfig
 from .optim import AdamW, clip_grad_norm, get_lr, global_norm
 
 if TYPE_CHECKING:
-    from ..model.moe import Routing
+    from ..model.moe import Routing, RoutingStats
     from ..model.transformer import LossTerms, MoETransformer
+    from .distributed import ProcessGroup
     from .telemetry import ExpertTelemetry
 
 Batch = tuple[np.ndarray, np.ndarray]  # (token_ids [B, S], targets [B, S])
@@ -89,6 +90,7 @@ class Trainer:
         *,
         out_dir: str | os.PathLike[str] | None = None,
         data_source: DataSource | None = None,
+        group: ProcessGroup | None = None,
     ) -> None:
         cfg = TrainConfig() if train_config is None else train_config
         if not isinstance(cfg, TrainConfig):
@@ -114,6 +116,11 @@ class Trainer:
         self.data_source = data_source
         self.last_checkpoint: Path | None = None  # the newest checkpoint saved or resumed
         self.last_routing: list[Routing] = []  # each layer's routing in the last step
+        # data parallelism: the ranks of an mpiexec job (nn_core.training.distributed);
+        # None: this process alone. Rank 0 alone writes metrics, checkpoints, the bar.
+        self.group = group
+        self._routing_stats: list[RoutingStats] | None = None  # of the whole last step
+        self.comm_seconds = 0.0  # time the last step spent in collectives (with group)
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, token_ids: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -132,7 +139,10 @@ class Trainer:
         total, ce, aux = (float(x) for x in terms)
         grad_norm = clip_grad_norm(self.model.flat_grads, cfg.grad_clip, self._global_norm)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
-            raise self._non_finite(t, f"loss={total!r}, grad_norm={grad_norm!r}")
+            error = self._non_finite(t, f"loss={total!r}, grad_norm={grad_norm!r}")
+            if self.group is not None:  # reduced values: every rank raises it here
+                error.every_rank = True  # type: ignore[attr-defined]
+            raise error
         self.optimizer.step(lr)
         self.step = t + 1
         return {"step": t, "loss": total, "ce": ce, "aux": aux, "grad_norm": grad_norm, "lr": lr}
@@ -145,6 +155,8 @@ class Trainer:
         ``self.last_routing`` keeps each layer's routing (``nn_core.model.moe.Routing``).
         """
         model, cfg = self.model, self.config
+        if cfg.grad_accum_steps > 1 or self.group is not None:
+            return self._shards_gradient(token_ids, targets)
         state = model.forward_loss(
             token_ids,
             targets,
@@ -153,15 +165,86 @@ class Trainer:
         )
         model.backward(state, zero_grad=True)
         self.last_routing = state.routing
+        self._routing_stats = None  # computed from last_routing when asked for
         return state.terms
 
+    def _shards_gradient(self, token_ids: np.ndarray, targets: np.ndarray) -> LossTerms:
+        """``_gradient`` over M = grad_accum_steps micro-batches and R ranks.
+
+        The B rows are cut into M x R shards of b = B / (M R) rows; micro-batch m of rank
+        r is rows [(m R + r) b, (m R + r + 1) b). Each shard's loss is scaled by 1 / (M R)
+        and the gradients add up (over micro-batches in ``flat_grads``, over ranks in one
+        Allreduce), so the cross-entropy and its gradient are those of the B rows at once.
+        Aux loss: f_e is taken over micro-batch m on all ranks (its routing statistics are
+        summed over ranks before the backward), so with M = 1 the aux loss and its gradient
+        are those of the whole batch; with M > 1 the aux loss is the mean over micro-batches
+        of each micro-batch's aux loss (docs/distributed.md states the difference).
+        """
+        from ..model.transformer import LossTerms
+        from .distributed import aux_of, fractions_of, pack_stats, sum_stats, unpack_stats
+
+        model, cfg, group = self.model, self.config, self.group
+        ids, tgt = np.asarray(token_ids), np.asarray(targets)
+        n_micro, n_ranks = cfg.grad_accum_steps, 1 if group is None else group.size
+        rank = 0 if group is None else group.rank
+        rows = ids.shape[0] if ids.ndim == 2 else 0
+        if rows == 0 or rows % (n_micro * n_ranks) or tgt.shape != ids.shape:
+            raise InputError(
+                f"token_ids and targets must be [B, S] with B divisible by grad_accum_steps "
+                f"({n_micro}) x ranks ({n_ranks}), got {ids.shape} and {tgt.shape}"
+            )
+        b = rows // (n_micro * n_ranks)
+        scale = 1.0 / (n_micro * n_ranks)
+        total = ce = aux = comm = 0.0
+        step_stats: list[RoutingStats] | None = None
+        for m in range(n_micro):
+            lo = (m * n_ranks + rank) * b
+            state = model.forward_loss(
+                ids[lo : lo + b],
+                tgt[lo : lo + b],
+                cfg.aux_loss_weight,
+                activation_checkpointing=cfg.activation_checkpointing,
+            )
+            stats = state.routing_stats()
+            fractions = None  # one process: each micro-batch's own f_e
+            terms = state.terms
+            if group is not None:  # sum the routing statistics and CE over ranks
+                start = time.perf_counter()
+                packed = group.allreduce_sum(pack_stats(stats, terms.ce * state.ids.size))
+                comm += time.perf_counter() - start
+                stats, ce_sum = unpack_stats(packed, len(stats))
+                fractions = fractions_of(stats)  # f_e of micro-batch m on all ranks   [L, E]
+                micro_aux = aux_of(stats, cfg.aux_loss_weight)
+                micro_ce = ce_sum / stats[0].tokens
+                terms = LossTerms(micro_ce + micro_aux, micro_ce, micro_aux)
+            model.backward(state, scale=scale, fractions=fractions, zero_grad=m == 0)
+            step_stats = stats if step_stats is None else sum_stats(step_stats, stats)
+            total, ce, aux = total + terms.total, ce + terms.ce, aux + terms.aux
+            self.last_routing = state.routing
+        if group is not None:
+            start = time.perf_counter()
+            group.allreduce_sum(model.flat_grads)  # the one exchange of the gradient
+            self.comm_seconds = comm + time.perf_counter() - start
+        self._routing_stats = step_stats
+        return LossTerms(total / n_micro, ce / n_micro, aux / n_micro)
+
+    @property
+    def last_routing_stats(self) -> list[RoutingStats]:
+        """Per layer, the routing statistics (``nn_core.model.moe.RoutingStats``: counts,
+        summed probabilities and entropies, tokens) of the last step's WHOLE batch: summed
+        over its micro-batches and over all ranks."""
+        if self._routing_stats is None:
+            from ..model.moe import routing_stats
+
+            self._routing_stats = [routing_stats(r) for r in self.last_routing]
+        return self._routing_stats
+
     def expert_telemetry(self) -> ExpertTelemetry:
-        """Per layer expert load, router probability and entropy of the last step, from
-        its kept routing (``nn_core.training.telemetry``)."""
-        from ..model.moe import routing_stats
+        """Per layer expert load, router probability and entropy of the last step's whole
+        batch, from ``last_routing_stats`` (``nn_core.training.telemetry``)."""
         from .telemetry import expert_telemetry
 
-        return expert_telemetry([routing_stats(r) for r in self.last_routing])
+        return expert_telemetry(self.last_routing_stats)
 
     def _non_finite(self, step: int, detail: str) -> NonFiniteError:
         last = str(self.last_checkpoint) if self.last_checkpoint else "none saved yet"
@@ -174,20 +257,32 @@ class Trainer:
         """Token-weighted mean loss over held-out batches (no backward, no update).
 
         -> {"val_loss" (CE + aux), "val_ce", "val_aux", "val_experts" (the expert
-        telemetry of all the batches' routing, ``nn_core.training.telemetry``)}.
+        telemetry of all the batches' routing, ``nn_core.training.telemetry``)}. With
+        ``group``, every rank is given the same batches and evaluates every R-th (rank r:
+        batches r, r + R, ...); the sums are reduced over ranks, so every rank returns the
+        result of all batches.
         """
-        from .telemetry import add_routing_stats, expert_telemetry
+        from .distributed import pack_stats, sum_stats, unpack_stats
+        from .telemetry import empty_routing_stats, expert_telemetry
 
         sums = np.zeros(3)
         tokens = 0
-        routed = None
-        for inputs, targets in batches:
+        group = self.group
+        routed = empty_routing_stats(self.model.config)  # summed over the batches
+        for i, (inputs, targets) in enumerate(batches):
+            if group is not None and i % group.size != group.rank:
+                continue
             n = int(np.asarray(inputs).size)
             state = self.model.forward_loss(inputs, targets, self.config.aux_loss_weight)
             sums += n * np.array(state.terms, np.float64)
-            routed = add_routing_stats(routed, state.routing_stats())
+            routed = sum_stats(routed, state.routing_stats())
             tokens += n
-        if tokens == 0 or routed is None:
+        if group is not None:  # token-weighted sums, token counts, routing of all ranks
+            totals = group.allreduce_sum(np.append(sums, float(tokens)))
+            sums, tokens = totals[:3], int(round(totals[3]))
+            packed = group.allreduce_sum(pack_stats(routed, 0.0))
+            routed = unpack_stats(packed, len(routed))[0]
+        if tokens == 0:
             raise InputError("eval_batches is empty")
         loss, ce, aux = (float(x) for x in sums / tokens)
         experts = expert_telemetry(routed).as_dict()
@@ -240,6 +335,8 @@ class Trainer:
         if metrics_path is None and self.out_dir is not None:
             metrics_path = self.out_dir / "metrics.jsonl"
         run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out_dir
+        if self.group is not None and self.group.rank != 0:  # rank 0 alone writes
+            metrics_path, run_dir, progress = None, None, False
         with contextlib.ExitStack() as stack:
             if run_dir is not None:  # created if absent; locked: one writer per run directory
                 from ..storage.ownership import run_dir_writer
@@ -272,6 +369,7 @@ class Trainer:
                         f"cannot write metrics file {metrics_path}: its directory does not exist"
                     )
                 metrics_file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+            self._check_in_sync(force=True)  # every rank starts from the same parameters
             for _ in range(steps):
                 try:
                     inputs, targets = next_batch()
@@ -288,6 +386,8 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 metrics["experts"] = self.expert_telemetry().as_dict()
                 metrics["tokens_per_sec"] = np.asarray(inputs).size / max(elapsed, 1e-12)
+                if self.group is not None:  # data parallelism: the collectives' share
+                    metrics["comm_seconds"], metrics["step_seconds"] = self.comm_seconds, elapsed
                 if (
                     get_eval is not None
                     and cfg.eval_interval
@@ -302,6 +402,7 @@ class Trainer:
                     except OSError as exc:  # e.g. a full disk: name the file
                         raise OSError(exc.errno, exc.strerror, str(metrics_path)) from exc
                 interval = cfg.checkpoint_interval
+                self._check_in_sync(force=bool(interval) and self.step % interval == 0)
                 if run_dir is not None and interval and self.step % interval == 0:
                     self.save_checkpoint(run_dir)
                     saved_at = self.step
@@ -312,6 +413,7 @@ class Trainer:
                     refresh=False,
                 )
                 bar.update(1)
+            self._check_in_sync(force=True)
             if run_dir is not None and history and saved_at != self.step:
                 self.save_checkpoint(run_dir)  # always at the end
         finally:
@@ -320,6 +422,17 @@ class Trainer:
                 with contextlib.suppress(OSError):  # the error that got here is the one to see
                     metrics_file.close()
         return history
+
+    def _check_in_sync(self, force: bool) -> None:
+        """With ``group``: every SYNC_CHECK_INTERVAL updates, before every checkpoint and
+        at the start and end of ``fit``, compare a hash of the parameters across ranks
+        (``distributed.check_in_sync``: DistributedError on every rank if they differ)."""
+        if self.group is None:
+            return
+        from .distributed import SYNC_CHECK_INTERVAL, check_in_sync
+
+        if force or self.step % SYNC_CHECK_INTERVAL == 0:
+            check_in_sync(self.group, self.model.flat_params, self.step)
 
     # ---- checkpoints -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -45,7 +45,8 @@ def add(sub: Any) -> None:
         "--summary",
         nargs="+",
         metavar="JSON",
-        help="print a markdown table of medians (ratios against the first file) and exit",
+        help="print markdown tables of the files (medians with ratios against the first; "
+        "inference/s and train steps/s at T4, speed-ups, cold/warm, GFLOP/s) and exit",
     )
     p.add_argument(
         "--gemm-size",

@@ -19,7 +19,11 @@ def add(sub: Any) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="run directory (uses its latest) or checkpoint dir"
     )
-    p.add_argument("--data", required=True, help="UTF-8 text file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="UTF-8 text file, directory of them (EOS between files) or prepared dataset",
+    )
     p.add_argument("--seq-len", type=pos_int, default=64, help="window length (default 64)")
     p.add_argument("--batch-size", type=pos_int, default=16, help="windows per work unit")
     p.add_argument("--max-batches", type=pos_int, help="at most this many (evenly spread)")

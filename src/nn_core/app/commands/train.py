@@ -5,6 +5,7 @@ nn-core train --data FILE --config small --set lr=1e-3 --steps 5000 --out DIR
 nn-core train --resume --out DIR     continue DIR/latest exactly (weights, AdamW, data)
 nn-core train --steps 3000 --stop-at 1000    stop early; --resume later continues the
                                      same schedule, bit for bit as one straight run
+mpiexec -n 2 nn-core train ...       the same run over 2 processes (docs/distributed.md)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError, ConfigError, OutputError
 from ...model.config import Config
 from ...training.config import DEFAULT_RUN, resolve_run_config
 from ..options import (
@@ -45,6 +46,8 @@ DEFAULT_CORPUS_PROMPT = "def "
 FIXED_ON_RESUME = {
     "config": "--config",
     "data": "--data",
+    "glob": "--glob",
+    "skip_bad": "--skip-bad",
     "batch_size": "--batch-size",
     "seq_len": "--seq-len",
     "lr": "--lr",
@@ -79,7 +82,17 @@ def add(sub: Any) -> None:
     )
     add_config_options(p, "model or train config")
     p.add_argument(
-        "--data", metavar="FILE", help="UTF-8 text file to train on (default: the default corpus)"
+        "--data",
+        metavar="PATH",
+        help="a UTF-8 text file, a directory of them (recursive) or a prepared dataset "
+        "(nn-core prepare) to train on (default: the default corpus)",
+    )
+    p.add_argument("--glob", metavar="PATTERN", help="with a directory: only files matching it")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="with a directory: skip unreadable, empty or non-UTF-8 files (listed)",
     )
     p.add_argument(
         "--steps", type=pos_int, metavar="N", help="total updates (the LR schedule's length)"
@@ -155,6 +168,7 @@ class Run:
     sampler: Any  # nn_core.data.BatchSampler over the train split
     data: Any  # nn_core.data.TokenDataset
     data_desc: str
+    source: Any = None  # nn_core.data.prepared.DataSource (its tokenizer, entropy)
 
     @property
     def data_label(self) -> str:
@@ -180,8 +194,8 @@ def check_allocatable(cfg: Config) -> None:
 
 
 def new_run(args: argparse.Namespace) -> Run:
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler, eval_batches
+    from ...data.prepared import load_data, report_skipped
     from ...data.tokenizer import ByteTokenizer
     from ...model.transformer import MoETransformer
     from ...storage.checkpoint import atomic_write_file
@@ -202,32 +216,42 @@ def new_run(args: argparse.Namespace) -> Run:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= steps ({tcfg.total_steps})")
     check_allocatable(cfg)
     RunDir.check_new(args.out, args.force)  # before any work
-    val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
-    text, data_desc, ds = load_corpus(args.data, val_fraction)
+    data = load_data(
+        args.data, val_fraction=args.val_fraction, glob=args.glob, skip_bad=bool(args.skip_bad)
+    )
+    report_skipped(data, note)
+    ds, data_desc, val_fraction = data.dataset, data.description, data.val_fraction
+    if cfg.vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(
+            f"vocab_size must be >= {data.tokenizer.vocab_size} for the data's tokenizer, "
+            f"got {cfg.vocab_size}"
+        )
     sampler = BatchSampler(ds.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
     eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 1)  # is the val split long enough?
     run_dir = RunDir.create(args.out, config_name, args.force)
     try:
         model = MoETransformer(cfg, seed=tcfg.seed)
         trainer = Trainer(model, tcfg, out_dir=run_dir.path, data_source=sampler)
-        atomic_write_file(run_dir.file(TOKENIZER_FILE), tokenizer.save)
+        atomic_write_file(run_dir.file(TOKENIZER_FILE), data.tokenizer.save)
         run_dir.write_run_info(
             config_name=config_name,
             config=cfg,
             train_config=tcfg,
             data_source=args.data,
             data_description=data_desc,
-            text=text,
+            text=None,
+            data_sha256=data.sha256,
+            data_options={"glob": args.glob, "skip_bad": bool(args.skip_bad), **data.options},
             val_fraction=val_fraction,
             train_tokens=int(ds.train.size),
             val_tokens=int(ds.val.size),
-            tokenizer=tokenizer.to_dict(),
+            tokenizer=data.tokenizer.to_dict(),
             command=[PROG, *(sys.argv[1:] if args.argv is None else args.argv)],
         )
     except BaseException:
         run_dir.release()
         raise
-    return Run(run_dir, config_name, trainer, sampler, ds, data_desc)
+    return Run(run_dir, config_name, trainer, sampler, ds, data_desc, data)
 
 
 def resumed_run(args: argparse.Namespace) -> Run:
@@ -248,14 +272,21 @@ def resumed_run(args: argparse.Namespace) -> Run:
 
 
 def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
-    from ...data.corpus import load_corpus
     from ...data.dataset import BatchSampler
+    from ...data.prepared import load_data
     from ...training.trainer import Trainer
-    from ..run_dir import RUN_FILE, sha256_text
+    from ..run_dir import RUN_FILE
 
     info = run_dir.read_run_info()
-    text, data_desc, ds = load_corpus(info.data_source, info.val_fraction)
-    if sha256_text(text) != info.data_sha256:
+    opts = info.data_options or {}
+    data = load_data(
+        info.data_source,
+        val_fraction=info.val_fraction,
+        glob=opts.get("glob"),
+        skip_bad=bool(opts.get("skip_bad")),
+    )
+    ds, data_desc = data.dataset, data.description
+    if data.sha256 != info.data_sha256:
         raise CheckpointError(
             f"the training text {info.data_source or '(default corpus)'} changed since the run "
             "started (SHA-256 differs): an exact resume needs the same data"
@@ -295,10 +326,15 @@ def _resume_locked(args: argparse.Namespace, run_dir: RunDir) -> Run:
         )
     run_dir.truncate_metrics(trainer.step)
     say(f"resuming {run_dir.path} at step {trainer.step} of {trainer.config.total_steps}")
-    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc)
+    return Run(run_dir, info.config_name, trainer, sampler, ds, data_desc, data)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...training.distributed import world
+
+    group = world()  # mpiexec -n R with R > 1: data parallelism (None: this process alone)
+    if group is not None:
+        return run_ranks(args, group)
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
     r = resumed_run(args) if args.resume else new_run(args)
@@ -306,7 +342,99 @@ def run(args: argparse.Namespace) -> int:
         return train(args, r)
 
 
-def train(args: argparse.Namespace, run: Run) -> int:
+# ---- mpiexec -n R nn-core train ... (nn_core.training.distributed; docs/distributed.md) ----
+
+
+def run_ranks(args: argparse.Namespace, group: Any) -> int:
+    """Rank 0 runs the command as one process would (run directory, lock, messages,
+    metrics, checkpoints, plots) and sends its starting state to the other ranks, which
+    train beside it and write nothing. An error on any rank ends all of them."""
+    from ...training.distributed import run_ranks as run_guarded
+
+    def main() -> int:
+        if group.rank != 0:
+            return follow(args, group)
+        if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
+            raise UsageError(f"--stop-at ({args.stop_at}) must be <= --steps ({args.steps})")
+        r = resumed_run(args) if args.resume else new_run(args)
+        with r.dir:
+            return train(args, r, group)
+
+    return run_guarded(group, main, lambda exc: report_rank_error(exc, group))
+
+
+def share_run(group: Any, run: Run, todo: int, threads: int | None) -> None:
+    """Rank 0: what the other ranks need to train beside it (``follow``): the token ids
+    of both splits as rank 0 read and tokenized them (so no other rank reads the data),
+    the sampler's shape and the trainer's whole state."""
+    from ...training.replicas import share_trainer
+
+    tcfg = run.trainer.config
+    splits = [run.data.train, run.data.val]
+    maps = [file_window(a) for a in splits]  # a prepared dataset: each rank maps the file
+    shape = {"batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "seed": tcfg.seed}
+    tokens = [(a.shape, a.dtype.str) for a in splits]
+    group.broadcast({"todo": todo, "threads": threads, "tokens": tokens, "maps": maps, **shape})
+    for array, mapped in zip(splits, maps):
+        if mapped is None:
+            group.broadcast_array(np.ascontiguousarray(array))
+    share_trainer(group, run.trainer)
+
+
+def file_window(a: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of a contiguous view of a memory-mapped file, else None."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not (isinstance(root, np.memmap) and root.filename and a.flags.c_contiguous):
+        return None
+    start = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return str(root.filename), int(root.offset + start)
+
+
+def follow(args: argparse.Namespace, group: Any) -> int:
+    """A rank other than 0: the same updates and evaluations as rank 0, writing nothing."""
+    from ...data.dataset import BatchSampler, eval_batches
+    from ...model.blas import blas_threads
+    from ...training.replicas import receive_trainer
+
+    job = group.broadcast(None)
+    train_ids, val_ids = (
+        group.broadcast_array(np.empty(shape, dtype))
+        if mapped is None
+        else np.memmap(mapped[0], dtype, mode="r", offset=mapped[1], shape=shape)
+        for (shape, dtype), mapped in zip(job["tokens"], job["maps"])
+    )
+    b, s = job["batch_size"], job["seq_len"]
+    sampler = BatchSampler(train_ids, b, s, job["seed"])
+    trainer = receive_trainer(group, sampler)
+    with blas_threads(job["threads"]):
+        trainer.fit(sampler, job["todo"], eval_batches=eval_batches(val_ids, b, s, EVAL_BATCHES))
+        trainer.evaluate(eval_batches(val_ids, b, s, FINAL_EVAL_BATCHES))
+    return 0
+
+
+def report_rank_error(exc: BaseException, group: Any) -> int:
+    """Print an error of this rank in one line (as the command line does); its status."""
+    from ...errors import NNCoreError
+
+    where = f" (rank {group.rank} of {group.size})"
+    if isinstance(exc, KeyboardInterrupt):
+        note(f"interrupted{where}")
+        return 130
+    if not isinstance(exc, (UsageError, ConfigError, NNCoreError, OSError, MemoryError)):
+        import traceback
+
+        traceback.print_exception(exc)
+        return 1
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}"
+    print(f"{PROG}: error{where}: {message}", file=sys.stderr, flush=True)
+    return 2 if isinstance(exc, (UsageError, ConfigError, OutputError)) else 1
+
+
+def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
     from ...data.dataset import eval_batches, unigram_entropy
     from ...data.tokenizer import ByteTokenizer
     from ...model.blas import blas_threads
@@ -315,24 +443,32 @@ def train(args: argparse.Namespace, run: Run) -> int:
 
     trainer, ds, out = run.trainer, run.data, run.dir
     model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
-    entropy = unigram_entropy(np.concatenate([ds.train, ds.val]))
+    entropy = (
+        run.source.unigram_entropy
+        if run.source is not None
+        else unigram_entropy(np.concatenate([ds.train, ds.val]))
+    )
     stop = tcfg.total_steps if args.stop_at is None else args.stop_at
     todo = max(0, stop - trainer.step)
-    threads = "chosen per product size" if args.threads is None else f"at most {args.threads}"
+    n_threads = 1 if group is not None and args.threads is None else args.threads
+    if group is not None:  # the other ranks start from this state (docs/distributed.md)
+        share_run(group, run, todo, n_threads)
+    threads = "chosen per product size" if n_threads is None else f"at most {n_threads}"
+    ranks = "" if group is None else f" over {group.size} ranks"
     say(
         f"model: {run.config_name}, {human(cfg.total_params())} parameters "
         f"({human(cfg.active_params())} active per token)\n"
         f"data: {run.data_desc}; {ds.train.size:,} train / {ds.val.size:,} validation tokens\n"
         f"unigram entropy of the corpus: {entropy:.4f} nats/token\n"
         f"training: {todo} updates (to step {stop} of {tcfg.total_steps}), batch "
-        f"{tcfg.batch_size} x {tcfg.seq_len}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, "
+        f"{tcfg.batch_size} x {tcfg.seq_len}{ranks}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, "
         f"cosine), BLAS threads {threads}\n"
         f"run directory: {out.path}"
     )
     val_batches = eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, EVAL_BATCHES)
     plots = out.plots_dir()  # refused now, not after training, if plots/ is not ours
     start = time.perf_counter()
-    with blas_threads(args.threads):
+    with blas_threads(n_threads):
         try:
             trainer.fit(run.sampler, todo, eval_batches=val_batches, progress=not args.quiet)
         except KeyboardInterrupt:
@@ -355,7 +491,7 @@ def train(args: argparse.Namespace, run: Run) -> int:
         final_val_ce=final["val_ce"],
     )
     plot_run(out.read_metrics(), plots, title=f"nn-core run {out.path.name}")
-    tokenizer = ByteTokenizer()
+    tokenizer = ByteTokenizer() if run.source is None else run.source.tokenizer
     sample = ""
     if args.sample_tokens:
         sample = training_sample(model, tokenizer, ds, run.data_desc, args.sample_tokens)
