@@ -124,6 +124,20 @@ def test_step_telemetry_equals_the_direct_computation_from_the_router() -> None:
     assert trainer.expert_telemetry().as_dict() == history[-1]["experts"]
 
 
+def test_with_gradient_accumulation_the_telemetry_is_of_the_whole_batch() -> None:
+    rows = 4  # two micro-batches of 2 rows
+    tcfg = TrainConfig(batch_size=rows, seq_len=S, total_steps=2, warmup_steps=1)
+    trainer = Trainer(
+        MoETransformer(CFG, seed=6, dtype=np.float64), tcfg.replace(grad_accum_steps=2)
+    )
+    twin = MoETransformer(CFG, seed=6, dtype=np.float64)
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, CFG.vocab_size, (rows, S + 1))
+    history = trainer.fit([(ids[:, :-1], ids[:, 1:])], 1, progress=False)
+    want = direct_model(twin, ids[:, :-1], ids[:, 1:])  # all 4 rows at once
+    assert_matches(history[0]["experts"], want, rows * S)
+
+
 def test_collapsed_router_counts_unused_experts_and_an_infinite_ratio() -> None:
     stats = [
         RoutingStats(np.array([0, 6, 2]), np.array([0.5, 3.0, 0.5]), 1.25, 4),
