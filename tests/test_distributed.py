@@ -186,6 +186,12 @@ def test_two_ranks_against_one_process_float32(straight) -> None:  # type: ignor
     for key in ("loss", "ce", "aux", "grad_norm"):
         assert rel([m[key] for m in two], [m[key] for m in one]) < FLOAT32_RTOL, key
     assert rel(weights(root / "straight"), weights(root / "one")) < FLOAT32_RTOL
+    for m2, m1 in zip(two, one, strict=True):  # expert telemetry of the whole batch
+        assert m2["experts"]["tokens"] == m1["experts"]["tokens"] == 4 * 16
+        assert ("val_experts" in m2) == ("val_experts" in m1)
+        if "val_experts" in m2:  # every validation batch, over both ranks
+            assert m2["val_experts"]["tokens"] == m1["val_experts"]["tokens"]
+            assert rel(m2["val_experts"]["prob"], m1["val_experts"]["prob"]) < 1e-4
 
 
 def test_an_exception_on_one_rank_ends_all_printed_once_and_resume_is_exact(straight) -> None:  # type: ignore[no-untyped-def]

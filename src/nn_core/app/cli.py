@@ -9,6 +9,8 @@
     nn-core info [--config NAME|FILE | --checkpoint DIR]
     nn-core bench [--scenario GLOB] [--out FILE] [--summary A.json B.json ...]
     nn-core convergence --out DIR        the suite's convergence check
+    nn-core plot RUN_DIR                 loss, learning rate, expert-load heatmaps -> RUN_DIR/plots
+    nn-core experts --checkpoint DIR --data FILE [--json OUT]   what each expert takes
 
 Exit status:
     0    success
@@ -48,10 +50,23 @@ from collections.abc import Sequence
 
 from ..errors import ConfigError, NNCoreError, OutputError
 from ..version import __version__
-from .commands import bench, convergence, evaluate, export, generate, import_, info, prepare, train
+from .commands import (
+    bench,
+    convergence,
+    evaluate,
+    experts,
+    export,
+    generate,
+    import_,
+    info,
+    plot,
+    prepare,
+    train,
+)
 from .options import PROG, Parser, UsageError
 
 COMMANDS = [train, generate, evaluate, export, import_, info, bench, convergence, prepare]
+COMMANDS += [plot, experts]  # expert telemetry
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports
 
 

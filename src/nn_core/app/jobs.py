@@ -51,7 +51,10 @@ from ..data.tokenizer import ByteTokenizer, Tokenizer
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inference.sampling import SamplingStrategy, make_strategy
 from ..model.config import Config
+from ..model.moe import RoutingStats
 from ..storage.checkpoint import MODEL_FILE, STATE_FILE, load_model, read_state, resolve_checkpoint
+from ..training.distributed import sum_stats
+from ..training.telemetry import empty_routing_stats, expert_telemetry
 
 if TYPE_CHECKING:
     from ..model.transformer import MoETransformer
@@ -133,17 +136,16 @@ def _one_blas_thread() -> Iterator[None]:
 
 def _eval_unit(
     index: int, checkpoint: str, inputs: IntArray, targets: IntArray
-) -> tuple[int, float, int]:
-    """One work unit of ``evaluate_file``: -> (index, sum of token CE losses, tokens)."""
-    from ..model.loss import cross_entropy_forward
-
+) -> tuple[int, float, int, list[RoutingStats]]:
+    """One work unit of ``evaluate_file``: -> (index, sum of token CE losses, tokens,
+    each layer's routing statistics)."""
     with _one_blas_thread():
         model = cached_model(checkpoint)
-        logits = model.forward(inputs)  # [B, S, V]
+        state = model.forward_loss(inputs, targets, 0.0)  # the loss without the aux term
         n = int(targets.size)  # N = B*S
         # Cross-entropy: L = -(1/N) sum_i log softmax(logits_i)[target_i]; N * L is the sum
-        ce, _ = cross_entropy_forward(logits.reshape(n, -1), targets.reshape(n))
-    return index, ce * n, n
+        ce = state.terms.ce
+    return index, ce * n, n, state.routing_stats()
 
 
 def _generate_unit(
@@ -230,7 +232,7 @@ def evaluate_file(
     executor: Executor | None = None,
     max_batches: int | None = None,
     workers: int = DEFAULT_WORKERS,
-) -> dict[str, float | int]:
+) -> dict[str, Any]:
     """Mean cross-entropy and perplexity of a checkpoint on a UTF-8 text file.
 
     The file is read with the run's tokenizer (bytes if it has none) and cut into
@@ -240,7 +242,8 @@ def evaluate_file(
 
     Returns {"loss": token-weighted mean CE (nats), "perplexity": exp(loss),
     "bits_per_byte": loss / ln 2 times the file's tokens per byte,
-    "tokens": tokens scored, "batches": work units}. ``executor``: any
+    "tokens": tokens scored, "batches": work units, "experts": the expert telemetry of
+    all the windows (``nn_core.training.telemetry``)}. ``executor``: any
     concurrent.futures.Executor (default: a local process pool of ``workers``).
     """
     _check_executor(executor)
@@ -261,9 +264,11 @@ def evaluate_file(
     units = [(i, ckpt, x, y) for i, (x, y) in enumerate(batches)]
     results = sorted(_run_units(_eval_unit, units, executor, workers))  # by unit index
     loss_sum, tokens = 0.0, 0
-    for _, unit_sum, unit_tokens in results:  # fixed order: the same float sum everywhere
+    routed = empty_routing_stats(config)
+    for _, unit_sum, unit_tokens, unit_routed in results:  # fixed order: the same float sum
         loss_sum += unit_sum
         tokens += unit_tokens
+        routed = sum_stats(routed, unit_routed)
     loss = loss_sum / tokens
     return {
         "loss": loss,
@@ -272,6 +277,7 @@ def evaluate_file(
         "bits_per_byte": loss / math.log(2) * ids.size / _n_bytes(tokenizer, ids),
         "tokens": tokens,
         "batches": len(batches),
+        "experts": expert_telemetry(routed).as_dict(),
     }
 
 

@@ -2,6 +2,9 @@
 
 plot_loss_curve(metrics, png)       train and validation cross-entropy per update
 plot_convergence(losses, png)       the suite's convergence check, log scale
+plot_lr(metrics, png)               the learning rate per update
+plot_expert_load(metrics, l, png)   layer l's expert load over the updates, a heatmap
+plot_run(metrics, plots_dir)        all of a run's plots (``nn-core plot``, end of train)
 """
 
 from __future__ import annotations
@@ -99,3 +102,69 @@ def plot_convergence(losses: Sequence[float], png_path: PathLike, target: float)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(fig, png_path)
+
+
+def plot_lr(metrics: Sequence[dict[str, Any]], png_path: PathLike) -> Path:
+    """The learning rate of each update (warmup, then cosine), from metrics.jsonl records."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=120)
+    ax.plot([m["step"] + 1 for m in metrics], [m["lr"] for m in metrics], color="tab:green")
+    ax.set_xlabel("update")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning rate per update")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, png_path)
+
+
+def expert_load_matrix(metrics: Sequence[dict[str, Any]], layer: int) -> tuple[Any, Any]:
+    """(steps [T], load [E, T]) of one layer from the records that hold "experts"."""
+    rows = [m for m in metrics if "experts" in m]
+    steps = np.array([m["step"] + 1 for m in rows], dtype=np.int64)  # [T]
+    load = np.array([m["experts"]["load"][layer] for m in rows], dtype=np.float64).T  # [E, T]
+    return steps, load
+
+
+def plot_expert_load(metrics: Sequence[dict[str, Any]], layer: int, png_path: PathLike) -> Path:
+    """Heatmap of layer ``layer``'s expert load over the updates: row e, column t is
+    E * f_e at update t (the load as a multiple of the uniform share 1/E: 1 = balanced,
+    0 = the expert got no token, E = it got every assignment)."""
+    plt = _pyplot()
+    steps, load = expert_load_matrix(metrics, layer)
+    n_experts = load.shape[0]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * n_experts), dpi=120)
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, n_experts - 0.5, -0.5)
+    image = ax.imshow(
+        load * n_experts,  # E f_e   [E, T]
+        aspect="auto",
+        interpolation="nearest",
+        cmap="magma",
+        vmin=0.0,
+        vmax=max(2.0, float(np.max(load * n_experts))),
+        extent=extent,
+    )
+    fig.colorbar(image, ax=ax, label="load / uniform share (E f_e)")
+    ax.set_xlabel("update")
+    ax.set_ylabel("expert")
+    if n_experts <= 32:
+        ax.set_yticks(range(n_experts))
+    ax.set_title(f"layer {layer}: expert load per update (1 = uniform, 0 = unused)")
+    return _save(fig, png_path)
+
+
+def plot_run(
+    metrics: Sequence[dict[str, Any]], plots_dir: PathLike, *, title: str = "nn-core training"
+) -> list[Path]:
+    """Every plot of a run into ``plots_dir`` (it must exist and be the run's to write):
+    loss.png (train and validation), lr.png, and expert_load_layer_L.png per layer
+    (from the records holding expert telemetry). Returns the files written."""
+    out = Path(plots_dir)
+    records = sorted(metrics, key=lambda m: m["step"])
+    written = [plot_loss_curve(records, out / "loss.png", title=title)]
+    if records:
+        written.append(plot_lr(records, out / "lr.png"))
+    with_experts = [m for m in records if "experts" in m]
+    if with_experts:
+        for layer in range(len(with_experts[0]["experts"]["load"])):
+            png = out / f"expert_load_layer_{layer}.png"
+            written.append(plot_expert_load(with_experts, layer, png))
+    return written

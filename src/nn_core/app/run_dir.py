@@ -7,6 +7,9 @@
     latest            names the newest checkpoint
     metrics.jsonl     one line per update (loss, ce, aux, grad_norm, lr, tokens/s, val_*)
     loss_curve.png    train and validation cross-entropy against the unigram entropy
+    plots/            PNGs of nn-core plot / the end of train: loss, learning rate, and
+                      each layer's expert load over the steps (only PNGs: anything else
+                      there is not ours, and plots are then refused)
     summary.json      final validation loss, unigram entropy, time, the sample
     sample.txt        the sample printed at the end
 
@@ -22,15 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, InputError, OutputError
 from ..model.config import Config
 from ..storage import ownership as own
 from ..storage.checkpoint import LATEST_FILE, atomic_write_file
+from ..storage.names import PLOTS_DIR
 from ..training.config import TrainConfig
 from .options import UsageError
 
@@ -176,7 +181,27 @@ class RunDir:
             )
         return cls(path, own.RunLock(path).acquire())  # before reading: nobody writes meanwhile
 
+    @classmethod
+    def open_any(cls, path: str) -> RunDir:
+        """Lock an existing run directory (with or without checkpoints), e.g. to plot it."""
+        p = Path(path)
+        if own.classify(p).kind != own.RUN:
+            raise InputError(f"{p} is not an nn-core run directory (no {RUN_FILE} or marker)")
+        return cls(p, own.RunLock(p).acquire())
+
     # ---- the files ---------------------------------------------------------------------
+    def plots_dir(self) -> Path:
+        """The run's plots/ (created if absent). Refused (OutputError) if it holds anything
+        nn-core does not write there (only PNG files)."""
+        path = self.file(PLOTS_DIR)
+        if os.path.lexists(path) and not own.is_plots_dir(path):
+            raise OutputError(
+                f"{path} holds something other than nn-core's PNG plots; refusing to write "
+                "plots there (move it away)"
+            )
+        path.mkdir(exist_ok=True)
+        return path
+
     def write_text(self, name: str, text: str) -> Path:
         """Write a file of the run atomically (a full disk leaves the old file whole)."""
         path = self.file(name)

@@ -57,6 +57,7 @@ from .names import (
     LATEST_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    PLOTS_DIR,
     RUN_MARKER,
     STATE_FILE,
     STEP_DIR_RE,
@@ -215,6 +216,8 @@ def classify(path: PathLike) -> Ownership:
             evidence = True
         elif name in RUN_FILES and name != "run.json" and plain_file:
             has_checkpoints = has_checkpoints or name == LATEST_FILE
+        elif name == PLOTS_DIR and is_plots_dir(entry):
+            pass  # the run's plots
         elif STEP_DIR_RE.match(name) and not entry.is_symlink() and _is_training(entry):
             evidence = has_checkpoints = True
         elif _TEMP_RE.match(name) and not entry.is_symlink():
@@ -224,6 +227,24 @@ def classify(path: PathLike) -> Ownership:
     if evidence:
         return Ownership(p, RUN, foreign=tuple(foreign), has_checkpoints=has_checkpoints)
     return Ownership(p, FOREIGN, f"a directory holding {_names(entries)}")
+
+
+def is_plots_dir(path: Path) -> bool:
+    """A run's plots/ as nn-core writes it: a real directory holding only PNG files (and
+    temp entries of an interrupted atomic write)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    for name in entries:
+        entry = path / name
+        if entry.is_symlink() or not entry.is_file():
+            return False
+        if not (name.endswith(".png") or _TEMP_RE.match(name)):
+            return False
+    return True
 
 
 def _is_training(path: Path) -> bool:

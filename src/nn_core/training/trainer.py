@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..model.moe import Routing, RoutingStats
     from ..model.transformer import LossTerms, MoETransformer
     from .distributed import ProcessGroup
+    from .telemetry import ExpertTelemetry
 
 Batch = tuple[np.ndarray, np.ndarray]  # (token_ids [B, S], targets [B, S])
 
@@ -238,6 +239,13 @@ class Trainer:
             self._routing_stats = [routing_stats(r) for r in self.last_routing]
         return self._routing_stats
 
+    def expert_telemetry(self) -> ExpertTelemetry:
+        """Per layer expert load, router probability and entropy of the last step's whole
+        batch, from ``last_routing_stats`` (``nn_core.training.telemetry``)."""
+        from .telemetry import expert_telemetry
+
+        return expert_telemetry(self.last_routing_stats)
+
     def _non_finite(self, step: int, detail: str) -> NonFiniteError:
         last = str(self.last_checkpoint) if self.last_checkpoint else "none saved yet"
         return NonFiniteError(
@@ -245,31 +253,40 @@ class Trainer:
             f"applied and nothing was written. Last good checkpoint: {last}"
         )
 
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, Any]:
         """Token-weighted mean loss over held-out batches (no backward, no update).
 
-        -> {"val_loss" (CE + aux), "val_ce", "val_aux"}. With ``group``, every rank is given
-        the same batches and evaluates every R-th (rank r: batches r, r + R, ...); the sums
-        are reduced over ranks, so every rank returns the result of all batches.
+        -> {"val_loss" (CE + aux), "val_ce", "val_aux", "val_experts" (the expert
+        telemetry of all the batches' routing, ``nn_core.training.telemetry``)}. With
+        ``group``, every rank is given the same batches and evaluates every R-th (rank r:
+        batches r, r + R, ...); the sums are reduced over ranks, so every rank returns the
+        result of all batches.
         """
+        from .distributed import pack_stats, sum_stats, unpack_stats
+        from .telemetry import empty_routing_stats, expert_telemetry
+
         sums = np.zeros(3)
         tokens = 0
         group = self.group
+        routed = empty_routing_stats(self.model.config)  # summed over the batches
         for i, (inputs, targets) in enumerate(batches):
             if group is not None and i % group.size != group.rank:
                 continue
             n = int(np.asarray(inputs).size)
-            sums += n * np.array(
-                self.model.loss_terms(inputs, targets, self.config.aux_loss_weight), np.float64
-            )
+            state = self.model.forward_loss(inputs, targets, self.config.aux_loss_weight)
+            sums += n * np.array(state.terms, np.float64)
+            routed = sum_stats(routed, state.routing_stats())
             tokens += n
-        if group is not None:  # token-weighted sums and token counts of all ranks
+        if group is not None:  # token-weighted sums, token counts, routing of all ranks
             totals = group.allreduce_sum(np.append(sums, float(tokens)))
             sums, tokens = totals[:3], int(round(totals[3]))
+            packed = group.allreduce_sum(pack_stats(routed, 0.0))
+            routed = unpack_stats(packed, len(routed))[0]
         if tokens == 0:
             raise InputError("eval_batches is empty")
         loss, ce, aux = (float(x) for x in sums / tokens)
-        return {"val_loss": loss, "val_ce": ce, "val_aux": aux}
+        experts = expert_telemetry(routed).as_dict()
+        return {"val_loss": loss, "val_ce": ce, "val_aux": aux, "val_experts": experts}
 
     # ---- many steps --------------------------------------------------------------------
     def fit(
@@ -292,11 +309,13 @@ class Trainer:
 
         Each update appends one JSON line to ``metrics_path`` (default
         ``out_dir/metrics.jsonl``): step, loss, ce, aux, grad_norm, lr, tokens_per_sec,
-        plus val_loss/val_ce/val_aux after every ``eval_interval`` updates when
+        experts (``nn_core.training.telemetry``),
+        plus val_loss/val_ce/val_aux/val_experts after every ``eval_interval`` updates when
         ``eval_batches`` is given (a re-iterable collection, or a callable returning a
         fresh iterable). A checkpoint is saved to ``checkpoint_dir`` (default ``out_dir``;
         none if both are None) after every ``checkpoint_interval`` updates and always
-        at the end. The tqdm bar (stderr) shows loss, tokens/s and the ETA.
+        at the end. The tqdm bar (stderr) shows loss, tokens/s, the worst layer's max/min
+        expert load and the ETA.
 
         The run directory is created if absent (its parent must exist) and must otherwise
         be empty or an nn-core run directory (``nn_core.storage.ownership``); it is locked for the
@@ -336,6 +355,8 @@ class Trainer:
     ) -> list[dict[str, float]]:
         from tqdm.auto import tqdm
 
+        from .telemetry import worst_max_min
+
         cfg = self.config
         history: list[dict[str, float]] = []
         saved_at = -1  # step of the newest checkpoint written by this call
@@ -361,8 +382,9 @@ class Trainer:
                     )
                     break
                 start = time.perf_counter()
-                metrics = self.train_step(inputs, targets)
+                metrics: dict[str, Any] = self.train_step(inputs, targets)
                 elapsed = time.perf_counter() - start
+                metrics["experts"] = self.expert_telemetry().as_dict()
                 metrics["tokens_per_sec"] = np.asarray(inputs).size / max(elapsed, 1e-12)
                 if self.group is not None:  # data parallelism: the collectives' share
                     metrics["comm_seconds"], metrics["step_seconds"] = self.comm_seconds, elapsed
@@ -387,6 +409,7 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     tok_s=f"{metrics['tokens_per_sec']:.0f}",
+                    max_min=f"{worst_max_min(metrics['experts']):.2f}",  # worst layer's load
                     refresh=False,
                 )
                 bar.update(1)

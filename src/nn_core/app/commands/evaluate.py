@@ -67,4 +67,18 @@ def run(args: argparse.Namespace) -> int:
             f"{result['bits_per_byte']:.4f} bits/byte  "
             f"({result['tokens']:,} tokens, {result['batches']} batches)"
         )
+        say(format_experts(result["experts"]))
     return 0
+
+
+def format_experts(experts: dict[str, Any]) -> str:
+    """Expert telemetry as text: a line per layer (``nn_core.training.telemetry``)."""
+    lines = []
+    for i, load in enumerate(experts["load"]):
+        ratio = experts["max_min"][i]
+        lines.append(
+            f"layer {i}: expert load {' '.join(f'{f:.1%}' for f in load)}  max/min "
+            f"{'inf' if ratio is None else f'{ratio:.2f}'}  unused {experts['unused'][i]}  "
+            f"router entropy {experts['entropy'][i]:.3f} nats"
+        )
+    return "\n".join(lines)

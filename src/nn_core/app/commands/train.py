@@ -541,7 +541,8 @@ def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
     from ...data.dataset import eval_batches, unigram_entropy
     from ...data.tokenizer import ByteTokenizer
     from ...model.blas import blas_threads
-    from ..plots import plot_loss_curve
+    from ...training.telemetry import worst_max_min
+    from ..plots import plot_loss_curve, plot_run
 
     trainer, ds, out = run.trainer, run.data, run.dir
     model, tcfg, cfg = trainer.model, trainer.config, trainer.model.config
@@ -568,6 +569,7 @@ def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
         f"run directory: {out.path}"
     )
     val_batches = eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, EVAL_BATCHES)
+    plots = out.plots_dir()  # refused now, not after training, if plots/ is not ours
     start = time.perf_counter()
     with blas_threads(n_threads):
         try:
@@ -591,6 +593,7 @@ def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
         f"batch {tcfg.batch_size} x {tcfg.seq_len}",
         final_val_ce=final["val_ce"],
     )
+    plot_run(out.read_metrics(), plots, title=f"nn-core run {out.path.name}")
     tokenizer = run.tokenizer or ByteTokenizer()
     bits = final["val_ce"] / np.log(2) * ds.val.size / max(run.val_bytes, 1)  # bits per byte
     sample = ""
@@ -605,7 +608,10 @@ def train(args: argparse.Namespace, run: Run, group: Any = None) -> int:
         f"({final['val_ce'] - entropy:+.4f} nats, {final['val_ce'] / entropy:.0%} of it)\n"
         f"validation bits per byte: {bits:.4f} (tokenizer {tokenizer.to_dict()['type']}, "
         f"{tokenizer.vocab_size} tokens)\n"
-        f"checkpoint: {trainer.last_checkpoint}\nloss curve: {png}"
+        f"checkpoint: {trainer.last_checkpoint}\nloss curve: {png}\nplots: {plots}\n"
+        f"expert load (validation), worst layer's max/min: "
+        f"{worst_max_min(final['val_experts']):.2f}; unused experts per layer: "
+        f"{final['val_experts']['unused']}"
     )
     if sample:
         say(
