@@ -86,11 +86,11 @@ def byte_documents(pieces: Iterable[ArrayLike]) -> Iterator[str | None]:
         start = 0
         for sep in [*np.flatnonzero(arr == BYTE_EOS).tolist(), arr.size]:
             last = sep < arr.size  # a document ends at sep
+            # final=True flushes an incomplete character (U+FFFD) and resets the decoder
             text = dec.decode(arr[start:sep].astype(np.uint8).tobytes(), final=last)
             if text:
                 yield text
             if last:
-                dec.reset()
                 yield None
             start = sep + 1
     tail = dec.decode(b"", final=True)
