@@ -64,7 +64,7 @@ def add(sub: Any) -> None:
         type=fraction,
         default=0.1,
         metavar="F",
-        help="last fraction of the tokens held out for validation (default 0.1)",
+        help="last fraction of the data (its bytes) held out for validation (default 0.1)",
     )
     p.add_argument("--glob", metavar="PATTERN", help="only files matching it, e.g. '*.py'")
     p.add_argument(
