@@ -209,7 +209,7 @@ def test_cli_prepare_train_and_resume_exactly(tmp_path, capsys):
     data = tmp_path / "t.txt"
     data.write_text(_text(300), encoding="utf-8")
     prep = tmp_path / "prep"
-    assert main(["prepare", str(data), "--out", str(prep)]) == 0
+    assert main(["prepare", str(data), "--out", str(prep), "--tokenizer", "byte"]) == 0
     assert "tokens (uint16" in capsys.readouterr().out
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["train", "--data", str(prep), "--steps", "4", *TRAIN, "--out", str(straight)]) == 0

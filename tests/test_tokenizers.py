@@ -225,7 +225,8 @@ def test_a_directory_trains_with_bpe_and_a_prepared_dataset_keeps_its_tokenizer(
     assert isinstance(load_tokenizer(tmp_path / "d" / "tokenizer.json"), HFTokenizer)
     resume = ["train", "--resume", "--out", tmp_path / "d", "--steps", "2", "--tokenizer", "bpe"]
     assert run_cli(resume, capsys)[0] == 0  # the same BPE again: accepted
-    assert run_cli(["prepare", corpus, "--out", tmp_path / "prep"], capsys)[0] == 0  # bytes
+    prep = ["prepare", corpus, "--out", tmp_path / "prep", "--tokenizer", "byte"]
+    assert run_cli(prep, capsys)[0] == 0
     code, out, err = run_cli(
         [
             "train",

@@ -157,7 +157,7 @@ def _file_error(path: Path, reason: str) -> InputError:
     return InputError(f"text file {path}: {reason}")
 
 
-def _byte_chunks(path: Path) -> Iterator[bytes]:
+def byte_chunks(path: Path) -> Iterator[bytes]:
     """The bytes of a file in chunks; every failure an InputError naming the file."""
     try:
         with open(path, "rb") as f:
@@ -184,7 +184,7 @@ def file_tokens(path: str | os.PathLike[str], tokenizer: Tokenizer) -> Iterator[
         return
     check = codecs.getincrementaldecoder("utf-8")(errors="strict")
     offset = 0
-    for chunk in _byte_chunks(p):
+    for chunk in byte_chunks(p):
         try:
             check.decode(chunk)
         except UnicodeDecodeError as exc:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from ..errors import InputError
 from .corpus import (
     BadFile,
     bad_files_error,
+    byte_chunks,
     corpus_files,
     default_corpus,
     describe_default_corpus,
@@ -49,7 +51,8 @@ from .corpus import (
     read_corpus,
 )
 from .dataset import TokenDataset, entropy_of_counts, split_point, split_tokens
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from .retokenize import BYTE_EOS, encode_bytes, train_bpe_on_bytes
+from .tokenizer import ByteTokenizer, IntArray, Tokenizer, load_tokenizer
 
 FORMAT = "nn-core-prepared"
 VERSION = 1
@@ -165,25 +168,37 @@ def write_prepared(
     directory: str | os.PathLike[str],
     *,
     tokenizer: Tokenizer | None = None,
+    bpe_vocab_size: int | None = None,
     val_fraction: float = 0.1,
     glob: str | None = None,
     skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Tokenize a file or a directory into ``directory`` (existing and empty; the caller
     renames it into place, see ``nn_core.app.commands.prepare``); returns the manifest,
-    written last. Files are streamed (bytes in chunks for the byte tokenizer), so memory
-    does not grow with the corpus. Unusable files of a directory -> one InputError naming
-    them, unless ``skip_bad`` (then listed in the manifest's source.skipped)."""
+    written last. ``tokenizer`` None means bytes; ``bpe_vocab_size`` N instead trains a
+    byte-level BPE of N ids on the training split. Files are streamed, so memory does not
+    grow with the corpus: bytes are split by the token rule; any other tokenizer is
+    applied as ``nn-core train`` applies it (split by bytes, each split re-encoded,
+    ``nn_core.data.retokenize``), so a prepared dataset holds the ids training on the text
+    would use. Unusable files of a directory -> one InputError naming them, unless
+    ``skip_bad`` (then listed in the manifest's source.skipped)."""
+    if bpe_vocab_size is not None and tokenizer is not None:
+        raise InputError("give a tokenizer or a BPE vocabulary size, not both")
     tok = ByteTokenizer() if tokenizer is None else tokenizer
     split_point(2, val_fraction)  # checks val_fraction before any work
     kind, files = corpus_files(source, glob)
     tmp = Path(directory)
     if not tmp.is_dir() or any(tmp.iterdir()):
         raise InputError(f"{tmp} must be an existing empty directory")
-    manifest = _write_tokens(tmp, files, kind, tok, skip_bad, source, glob)
-    n = manifest["n_tokens"]
-    n_val = split_point(n, val_fraction)
-    manifest.update(train_tokens=n - n_val, val_tokens=n_val, val_fraction=val_fraction)
+    if bpe_vocab_size is not None or type(tok) is not ByteTokenizer:
+        manifest, tok = _write_retokenized(
+            tmp, files, kind, tok, bpe_vocab_size, val_fraction, skip_bad, source, glob
+        )
+    else:
+        manifest = _write_tokens(tmp, files, kind, tok, skip_bad, source, glob)
+        n = manifest["n_tokens"]
+        n_val = split_point(n, val_fraction)
+        manifest.update(train_tokens=n - n_val, val_tokens=n_val, val_fraction=val_fraction)
     tok.save(tmp / TOKENIZER_FILE)
     manifest = {k: manifest[k] for k in MANIFEST_FIELDS}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
@@ -234,13 +249,27 @@ def _write_tokens(
         raise bad_files_error(source, bad)
     if not used:
         raise InputError(f"data directory {source}: every file was skipped as unusable")
-    n = int(counts.sum())
-    split_point(n, 0.5)  # at least 2 tokens
+    split_point(int(counts.sum()), 0.5)  # at least 2 tokens
+    return _manifest(tmp, tok, counts, kind, source, glob, used, n_bytes, bad)
+
+
+def _manifest(
+    tmp: Path,
+    tok: Tokenizer,
+    counts: Any,
+    kind: str,
+    source: Any,
+    glob: str | None,
+    used: int,
+    n_bytes: int,
+    bad: list[BadFile],
+) -> dict[str, Any]:
+    """The manifest fields known once tmp/tokens.bin is written (``counts``: [V] ids)."""
     return {
         "format": FORMAT,
         "version": VERSION,
-        "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
-        "n_tokens": n,
+        "dtype": "uint16" if token_dtype(tok.vocab_size).itemsize == 2 else "uint32",
+        "n_tokens": int(counts.sum()),
         "vocab_size": tok.vocab_size,
         "tokenizer": tok.to_dict(),
         "source": {
@@ -255,6 +284,84 @@ def _write_tokens(
         "sha256": _sha256_file(tmp / TOKENS_FILE),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _write_retokenized(
+    tmp: Path,
+    files: list[Path],
+    kind: str,
+    tok: Tokenizer,
+    bpe_vocab_size: int | None,
+    val_fraction: float,
+    skip_bad: bool,
+    source: Any,
+    glob: str | None,
+) -> tuple[dict[str, Any], Tokenizer]:
+    """A non-byte tokenizer (or a BPE trained here): (the manifest fields, the tokenizer).
+    Pass 1 checks every file (UTF-8, not empty) and counts its bytes, which fixes the
+    byte split; pass 2 trains the BPE on the training bytes (if asked); pass 3 writes
+    each split's ids. Each pass streams the files."""
+    good: list[tuple[Path, int]] = []
+    bad: list[BadFile] = []
+    for path in files:
+        try:
+            good.append((path, sum(int(ids.size) for ids in file_tokens(path, ByteTokenizer()))))
+        except InputError as exc:
+            if kind == "file":
+                raise
+            bad.append(BadFile(path, str(exc).split(": ", 1)[-1]))
+    if bad and not skip_bad:
+        raise bad_files_error(source, bad)
+    if not good:
+        raise InputError(f"data directory {source}: every file was skipped as unusable")
+    n_bytes = sum(size for _, size in good)
+    total = n_bytes + len(good) - 1  # byte tokens: the files, BYTE_EOS between two
+    cut = total - split_point(total, val_fraction)  # train = byte tokens [0, cut)
+    if bpe_vocab_size is not None:
+        tok = train_bpe_on_bytes(_byte_tokens(good, 0, cut), bpe_vocab_size)
+    dtype = token_dtype(tok.vocab_size)
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)  # [V] unigram counts, for the entropy
+    n_split = []
+    with open(tmp / TOKENS_FILE, "wb") as f:
+        for lo, hi in ((0, cut), (cut, total)):
+            n = 0
+            for ids in encode_bytes(_byte_tokens(good, lo, hi), tok):
+                if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+                    raise InputError(f"data {source}: the tokenizer gave ids outside its vocab")
+                f.write(ids.astype(dtype).tobytes())
+                counts += np.bincount(ids, minlength=tok.vocab_size)
+                n += int(ids.size)
+            n_split.append(n)
+    if min(n_split) < 1:
+        raise InputError(f"data {source}: a split has no tokens; lower or raise --val-fraction")
+    manifest = _manifest(tmp, tok, counts, kind, source, glob, len(good), n_bytes, bad)
+    manifest.update(train_tokens=n_split[0], val_tokens=n_split[1], val_fraction=val_fraction)
+    return manifest, tok
+
+
+def _byte_tokens(files: list[tuple[Path, int]], lo: int, hi: int) -> Iterator[IntArray]:
+    """Byte tokens [lo, hi) of the files joined by BYTE_EOS, read in chunks (uint8 pieces;
+    the separators as int64 [1]). A file whose size changed since pass 1 -> InputError."""
+    pos = 0  # index of the next byte token
+    for i, (path, size) in enumerate(files):
+        if i:
+            if lo <= pos < hi:
+                yield np.array([BYTE_EOS], dtype=np.int64)
+            pos += 1
+        if pos + size <= lo or pos >= hi:
+            pos += size
+            continue
+        seen, stop = 0, min(hi - pos, size)  # this file's bytes [.., stop) are wanted
+        for chunk in byte_chunks(path):
+            a, b = max(lo - pos - seen, 0), min(stop - seen, len(chunk))
+            if a < b:
+                yield np.frombuffer(chunk, dtype=np.uint8)[a:b]  # type: ignore[misc]
+            seen += len(chunk)
+            if seen >= stop:
+                break
+        if seen < stop or (stop == size and seen > size):
+            raise InputError(f"text file {path}: changed while being prepared")
+        pos += size
 
 
 # ---- every kind of --data ---------------------------------------------------------------

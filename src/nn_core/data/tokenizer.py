@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -377,15 +377,16 @@ def tokenize_splits(
     return tokenizer.encode(train), tokenizer.encode(val), len(val.encode("utf-8"))
 
 
-def choose_tokenizer(spec: str, train_text: str, vocab_size: int) -> Tokenizer:
-    """``nn-core train --tokenizer``: "byte", "bpe" (trained on ``train_text`` with the
-    config's ``vocab_size``) or the path of a tokenizer.json; its vocabulary must fit
+def choose_tokenizer(spec: str, train_texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """``nn-core train --tokenizer``: "byte", "bpe" (trained on ``train_texts``, the
+    training split's texts as ``nn_core.data.retokenize.training_texts`` gives them, with
+    the config's ``vocab_size``) or the path of a tokenizer.json; its vocabulary must fit
     ``vocab_size`` (ConfigError otherwise)."""
     tok: Tokenizer
     if spec == "byte":
         tok = ByteTokenizer()
     elif spec == "bpe":
-        tok = train_bpe(_chunks(train_text), vocab_size)
+        tok = train_bpe([train_texts] if isinstance(train_texts, str) else train_texts, vocab_size)
     else:
         if not Path(spec).is_file():
             raise InputError(
@@ -397,16 +398,6 @@ def choose_tokenizer(spec: str, train_text: str, vocab_size: int) -> Tokenizer:
             f"vocab_size must be >= {tok.vocab_size} for this tokenizer, got {vocab_size}"
         )
     return tok
-
-
-def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
-    """The text in line-aligned pieces of about ``size`` characters (the BPE trainer's input)."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        yield text[start:end]
-        start = end
 
 
 def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:

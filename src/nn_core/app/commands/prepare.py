@@ -1,10 +1,13 @@
 """``nn-core prepare``: tokenize a corpus once into a memory-mapped dataset.
 
-nn-core prepare DATA --out DIR [--tokenizer byte|FILE] [--val-fraction F] [--glob PAT]
+nn-core prepare DATA --out DIR [--tokenizer bpe|byte|FILE] [--vocab-size N]
+                [--val-fraction F] [--glob PAT]
 
 DATA is a UTF-8 file or a directory (read recursively, files in sorted order). DIR
 receives tokens.bin (uint16/uint32 token ids), tokenizer.json and manifest.json (see
 docs/data.md); ``nn-core train --data DIR`` then trains on it through a memory map.
+The default, a byte-level BPE of the default config's vocab_size (1000) trained on the
+training split, is what ``nn-core train --data DATA`` uses: both give the same ids.
 The dataset is written beside DIR and renamed into place when complete.
 """
 
@@ -18,9 +21,17 @@ from typing import Any
 
 from ...errors import OutputError
 from ...storage import ownership as own
-from ..options import fraction, say
+from ..options import UsageError, fraction, int_at_least, say
 
 PREPARED = "a prepared dataset"
+DEFAULT_TOKENIZER = "bpe"  # as nn-core train's
+
+
+def default_vocab_size() -> int:
+    """The vocab_size of the config ``nn-core train`` uses with no option (tiny: 1000)."""
+    from ...training.config import resolve_run_config
+
+    return resolve_run_config(None, [], {})[0].vocab_size
 
 
 def add(sub: Any) -> None:
@@ -35,16 +46,25 @@ def add(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the dataset directory")
     p.add_argument(
         "--tokenizer",
-        default="byte",
-        metavar="byte|FILE",
-        help="'byte' (default) or a tokenizer.json file",
+        default=DEFAULT_TOKENIZER,
+        metavar="bpe|byte|FILE",
+        help="'bpe' (default: a byte-level BPE trained on the training split only, as "
+        "nn-core train does), 'byte' or a tokenizer.json file",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int_at_least(258),
+        metavar="N",
+        help="ids of the BPE in all (default: the default config's vocab_size, "
+        f"{default_vocab_size()}); use the vocab_size of the config you will train, "
+        "for the same ids nn-core train --data DATA would use",
     )
     p.add_argument(
         "--val-fraction",
         type=fraction,
         default=0.1,
         metavar="F",
-        help="last fraction of the tokens held out for validation (default 0.1)",
+        help="last fraction of the data (its bytes) held out for validation (default 0.1)",
     )
     p.add_argument("--glob", metavar="PATTERN", help="only files matching it, e.g. '*.py'")
     p.add_argument(
@@ -88,7 +108,7 @@ def check_output(out: str | os.PathLike[str], force: bool = False) -> own.Owners
 
 
 def tokenizer_from_option(value: str) -> Any:
-    """--tokenizer: 'byte' or a tokenizer.json file."""
+    """--tokenizer: 'byte' or a tokenizer.json file ('bpe' is trained by ``prepare``)."""
     from ...data.tokenizer import ByteTokenizer, load_tokenizer
 
     return ByteTokenizer() if value == "byte" else load_tokenizer(value)
@@ -99,12 +119,14 @@ def prepare(
     out: str,
     *,
     tokenizer: Any = None,
+    bpe_vocab_size: int | None = None,
     val_fraction: float = 0.1,
     glob: str | None = None,
     skip_bad: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Write the prepared dataset ``out`` atomically (temp directory, then a rename)."""
+    """Write the prepared dataset ``out`` atomically (temp directory, then a rename);
+    ``tokenizer`` None: bytes, or with ``bpe_vocab_size`` a BPE trained here."""
     from ...data.prepared import write_prepared
 
     check_output(out, force)
@@ -115,8 +137,8 @@ def prepare(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a dataset is an ordinary directory
     try:
         manifest = write_prepared(
-            data, tmp, tokenizer=tokenizer, val_fraction=val_fraction, glob=glob,
-            skip_bad=skip_bad,
+            data, tmp, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size,
+            val_fraction=val_fraction, glob=glob, skip_bad=skip_bad,
         )  # fmt: skip
         info = check_output(out, force)  # again: it may have changed meanwhile
         old = own.move_aside(target) if info.kind != own.ABSENT else None
@@ -130,10 +152,14 @@ def prepare(
 
 
 def run(args: argparse.Namespace) -> int:
+    bpe = args.tokenizer == "bpe"
+    if args.vocab_size is not None and not bpe:
+        raise UsageError("--vocab-size sets the size of a BPE trained here: use --tokenizer bpe")
     m = prepare(
         args.data,
         args.out,
-        tokenizer=tokenizer_from_option(args.tokenizer),
+        tokenizer=None if bpe else tokenizer_from_option(args.tokenizer),
+        bpe_vocab_size=(args.vocab_size or default_vocab_size()) if bpe else None,
         val_fraction=args.val_fraction,
         glob=args.glob,
         skip_bad=args.skip_bad,

@@ -283,6 +283,7 @@ def _run_tokenizer(args: argparse.Namespace, init: Any, data: Any, vocab: int) -
     """(data in the run's tokens, validation bytes) of a new run: --tokenizer (a BPE is
     trained on the training split only), --init's tokenizer or a prepared dataset's (a
     different --tokenizer is refused in one line)."""
+    from ...data.retokenize import training_texts
     from ...data.tokenizer import ByteTokenizer, check_same_tokenizer, choose_tokenizer
 
     spec = args.tokenizer
@@ -293,7 +294,7 @@ def _run_tokenizer(args: argparse.Namespace, init: Any, data: Any, vocab: int) -
         fixed, where = data.tokenizer, str(args.data)
     else:
         where = str(args.init)
-    train_text = ByteTokenizer().decode(data.dataset.train) if data.kind != "prepared" else ""
+    train_text = training_texts([data.dataset.train]) if data.kind != "prepared" else []
     if fixed is not None:
         tokenizer = fixed
         if spec is not None:
@@ -307,11 +308,13 @@ def _run_tokenizer(args: argparse.Namespace, init: Any, data: Any, vocab: int) -
 
 def retokenized(data: Any, tokenizer: Any) -> tuple[Any, int]:
     """(``data`` read with bytes, now in ``tokenizer``'s ids, its validation bytes): each
-    split is decoded to its text and encoded on its own, so the split stays where bytes
-    put it and nothing of the validation text is in the training ids."""
+    split is re-encoded on its own (``nn_core.data.retokenize``: EOS kept between
+    documents), so the split stays where bytes put it and nothing of the validation text
+    is in the training ids; ``nn-core prepare`` writes the same ids."""
     import dataclasses
 
     from ...data.dataset import TokenDataset, unigram_entropy
+    from ...data.retokenize import retokenize
     from ...data.tokenizer import ByteTokenizer
 
     byte = ByteTokenizer()
@@ -319,8 +322,8 @@ def retokenized(data: Any, tokenizer: Any) -> tuple[Any, int]:
         val_bytes = len(data.tokenizer.decode(np.asarray(data.dataset.val)).encode("utf-8"))
         return data, val_bytes
     val_text = byte.decode(data.dataset.val)
-    train = tokenizer.encode(byte.decode(data.dataset.train))  # [T_train]
-    val = tokenizer.encode(val_text)  # [T_val]
+    train = retokenize(data.dataset.train, tokenizer)  # [T_train], EOS between documents
+    val = retokenize(data.dataset.val, tokenizer)  # [T_val]
     entropy = unigram_entropy(np.concatenate([train, val]))
     out = dataclasses.replace(
         data, dataset=TokenDataset(train, val), tokenizer=tokenizer, unigram_entropy=entropy
@@ -413,6 +416,7 @@ def _resumed_tokenizer(
     args: argparse.Namespace, run_dir: RunDir, data: Any, vocab: int
 ) -> tuple[Any, int]:
     """The run's data in its saved tokenizer's ids; a different --tokenizer is refused."""
+    from ...data.retokenize import training_texts
     from ...data.tokenizer import (
         ByteTokenizer,
         check_same_tokenizer,
@@ -423,7 +427,7 @@ def _resumed_tokenizer(
     path = run_dir.file(TOKENIZER_FILE)
     tokenizer = load_tokenizer(path) if path.is_file() else ByteTokenizer()
     if args.tokenizer is not None:
-        text = ByteTokenizer().decode(data.dataset.train) if data.kind != "prepared" else ""
+        text = training_texts([data.dataset.train]) if data.kind != "prepared" else []
         check_same_tokenizer(
             tokenizer, choose_tokenizer(args.tokenizer, text, vocab), str(run_dir.path)
         )
