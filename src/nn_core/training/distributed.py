@@ -46,6 +46,10 @@ ABORT_GRACE_SECONDS = 1.0
 # out of sync, a non-finite reduced gradient) is left to rank 0: the others wait up to
 # this long for its abort before they report too.
 EVERY_RANK_GRACE_SECONDS = 30.0
+# Between a rank's last line and its MPI_Abort: the launcher relays a rank's output through
+# a pipe, and the abort tears that down, so a line printed just before could be lost (seen
+# under load: exit status 1 and an empty stderr).
+RELAY_SECONDS = 0.5
 
 
 class DistributedError(NNCoreError):
@@ -87,6 +91,7 @@ class ProcessGroup:
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
             sys.stderr.flush()
+        time.sleep(RELAY_SECONDS)
         self.comm.Abort(int(status))
         os._exit(int(status))  # MPICH's Abort may return before the launcher ends the job
 
