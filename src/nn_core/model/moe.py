@@ -164,11 +164,11 @@ def moe_forward(
     routing = router_forward(x, w.router, top_k, ws, key + "router.")
     c = n * top_k
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
-    xs = np.take(x, tokens, axis=0, out=buffer(ws, key + "xs", (c, hidden), dt))  # gather
+    xs = x.take(tokens, axis=0, out=buffer(ws, key + "xs", (c, hidden), dt))  # gather
     ys, experts = swiglu_forward(
         xs, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
     )  # [C, H]
-    gate = np.take(routing.weights.T.reshape(-1), routing.order)  # [C] w_k, sorted
+    gate = routing.weights.T.reshape(-1).take(routing.order)  # [C] w_k, sorted
     weighted = np.multiply(ys, gate[:, None], out=buffer(ws, key + "yw", (c, hidden), dt))
     slots = buffer(ws, key + "slots", (c, hidden), dt)
     slots[routing.order] = weighted  # scatter back to (slot, token) order   [K*N, H]
