@@ -49,7 +49,10 @@ def router_forward(
     np.matmul(w_router, x.T, out=probs_t)  # router logits, transposed: Wr x^T   [E, N]
     softmax(probs_t, axis=0, out=probs_t, may_be_masked=False)  # probs^T   [E, N]
     top_t = np.argsort(-probs_t, axis=0, kind="stable")[:top_k]  # [K, N]
-    weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
+    if n == 1:  # probs_t [E, 1]: expert e's entry is flat index e (no index grid)
+        weights_t = probs_t.take(top_t)  # kept p_k   [K, 1]
+    else:
+        weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
     kept_sum = np.add.reduce(weights_t, axis=0, keepdims=True)  # S   [1, N]
     weights_t /= kept_sum  # renormalized top-k: w_k = p_k / S
     flat = top_t.reshape(-1)  # [C] expert of assignment a = k*N + t

@@ -105,7 +105,7 @@ def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
         np.exp(e, out=e)
-    e += 1
+    e += dtype_scalar(1.0, e.dtype)
     return np.reciprocal(e, out=e)
 
 
