@@ -65,10 +65,16 @@ def build_rope(theta: float, head_dim: int, max_len: int, dtype: np.dtype) -> Ro
     return Rope(*(r.astype(cdt) for r in (scaled, scaled.conj(), rot, rot.conj())))
 
 
+# the complex dtype whose pairs a real dtype's array is viewed as (np.result_type(dt,
+# complex64), looked up once: it costs about a microsecond per call)
+_COMPLEX_OF = {np.dtype(dt): np.result_type(dt, np.complex64) for dt in (np.float32, np.float64)}
+
+
 def _complex(x: np.ndarray) -> np.ndarray:
     """A real [..., D] array (last axis contiguous) seen as complex [..., D/2]: entry k is
     the pair x[2k] + i x[2k+1] (a view)."""
-    return x.view(np.result_type(x.dtype, np.complex64))
+    cdt = _COMPLEX_OF.get(x.dtype)
+    return x.view(np.result_type(x.dtype, np.complex64) if cdt is None else cdt)
 
 
 def rope_rotate(x: np.ndarray, rot: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .tensor import sigmoid
+from .tensor import dtype_scalar, sigmoid
 from .workspace import Workspace, buffer
 
 # ---------------------------------------------------------------------------- Embedding
@@ -27,7 +27,7 @@ def embedding_forward(
 ) -> np.ndarray:
     """Embedding: out = W[token_id, :].   ids [N] int, W [V, H] -> [N, H]."""
     out = buffer(ws, key + "out", (ids.size, weight.shape[1]), weight.dtype)
-    return np.take(weight, ids, axis=0, out=out)
+    return weight.take(ids, axis=0, out=out)  # the method: np.take adds a Python layer
 
 
 def embedding_backward(dout: np.ndarray, ids: np.ndarray, dweight: np.ndarray) -> None:
@@ -54,8 +54,9 @@ def rmsnorm_forward(
     n, h = x.shape
     r = buffer(ws, key + "r", (n, 1), x.dtype)  # [N, 1]
     np.vecdot(x, x, out=r[:, 0])  # sum(x^2)
-    r *= 1.0 / h  # mean(x^2)
-    r += eps
+    dt = x.dtype
+    r *= dtype_scalar(1.0 / h, dt)  # mean(x^2)
+    r += dtype_scalar(eps, dt)
     np.sqrt(r, out=r)
     np.reciprocal(r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
     y = buffer(ws, key + "y", x.shape, x.dtype)

@@ -49,7 +49,10 @@ def router_forward(
     np.matmul(w_router, x.T, out=probs_t)  # router logits, transposed: Wr x^T   [E, N]
     softmax(probs_t, axis=0, out=probs_t, may_be_masked=False)  # probs^T   [E, N]
     top_t = np.argsort(-probs_t, axis=0, kind="stable")[:top_k]  # [K, N]
-    weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
+    if n == 1:  # probs_t [E, 1]: expert e's entry is flat index e (no index grid)
+        weights_t = probs_t.take(top_t)  # kept p_k   [K, 1]
+    else:
+        weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
     kept_sum = np.add.reduce(weights_t, axis=0, keepdims=True)  # S   [1, N]
     weights_t /= kept_sum  # renormalized top-k: w_k = p_k / S
     flat = top_t.reshape(-1)  # [C] expert of assignment a = k*N + t
@@ -164,11 +167,11 @@ def moe_forward(
     routing = router_forward(x, w.router, top_k, ws, key + "router.")
     c = n * top_k
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
-    xs = np.take(x, tokens, axis=0, out=buffer(ws, key + "xs", (c, hidden), dt))  # gather
+    xs = x.take(tokens, axis=0, out=buffer(ws, key + "xs", (c, hidden), dt))  # gather
     ys, experts = swiglu_forward(
         xs, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
     )  # [C, H]
-    gate = np.take(routing.weights.T.reshape(-1), routing.order)  # [C] w_k, sorted
+    gate = routing.weights.T.reshape(-1).take(routing.order)  # [C] w_k, sorted
     weighted = np.multiply(ys, gate[:, None], out=buffer(ws, key + "yw", (c, hidden), dt))
     slots = buffer(ws, key + "slots", (c, hidden), dt)
     slots[routing.order] = weighted  # scatter back to (slot, token) order   [K*N, H]

@@ -25,6 +25,27 @@ def check_dtype(dtype: object) -> np.dtype:
     return dt
 
 
+# ---------------------------------------------------------------------------- scalars
+
+_SCALARS: dict[tuple[float, np.dtype], np.ndarray] = {}
+
+
+def dtype_scalar(value: float, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a read-only 0-d array of ``dtype``, made once per (value, dtype).
+
+    An in-place op with it gives what the Python float gives (NEP 50 casts the float to
+    the array's dtype first) about a microsecond faster: the conversion is done once.
+    """
+    k = (value, dtype)
+    c = _SCALARS.get(k)
+    if c is None:
+        if len(_SCALARS) >= 256:  # a bounded cache: eps and 1/H take a handful of entries
+            _SCALARS.clear()
+        c = _SCALARS[k] = np.array(value, dtype)
+        c.flags.writeable = False
+    return c
+
+
 # ---------------------------------------------------------------------------- softmax
 
 
@@ -84,7 +105,7 @@ def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
         np.exp(e, out=e)
-    e += 1
+    e += dtype_scalar(1.0, e.dtype)
     return np.reciprocal(e, out=e)
 
 
