@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ..checks import check_token_ids, is_int
+from ..checks import check_int, check_token_ids, is_int
 from ..errors import ConfigError, InputError
 from .sampling import Greedy, SamplingStrategy, Temperature, TopK, TopP
 
@@ -135,22 +135,13 @@ def _check_max_len(
 
 
 def _check_slide_keep(slide_keep: Any, max_seq_len: int) -> int | None:
-    if slide_keep is None:
-        return None
-    if not is_int(slide_keep) or not 1 <= slide_keep < max_seq_len:
-        raise ConfigError(
-            f"slide_keep must be None or an int in [1, max_seq_len - 1 = {max_seq_len - 1}] "
-            f"(the tokens kept when the window slides), got {slide_keep!r}"
-        )
-    return int(slide_keep)
+    """None, or the tokens kept when the window slides: an int in [1, max_seq_len - 1]."""
+    return None if slide_keep is None else check_int(slide_keep, "slide_keep", 1, max_seq_len - 1)
 
 
 def _check_eos(eos_id: Any, vocab_size: int) -> int | None:
-    if eos_id is None:
-        return None
-    if not is_int(eos_id) or not 0 <= eos_id < vocab_size:
-        raise ConfigError(f"eos_id must be None or an int in [0, {vocab_size}), got {eos_id!r}")
-    return int(eos_id)
+    """None, or a token id in [0, vocab_size)."""
+    return None if eos_id is None else check_int(eos_id, "eos_id", 0, vocab_size - 1)
 
 
 def _check_stop(stop: Any, tokenizer: Any) -> tuple[str, ...]:
