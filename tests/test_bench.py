@@ -157,6 +157,21 @@ HAND = Config(
 )  # fmt: skip
 
 
+def test_kernel_scenarios_call_the_package_kernel_on_what_they_describe() -> None:
+    """The timed call computes the scenario's formula (C = A @ B^T for the matmul, on a
+    non-square case too: B [n, k] reaches the library as the B^T [k, n] it stores)."""
+    from nn_core.bench.scenarios import _kernel
+    from nn_core.bench.workloads import KernelWorkload
+
+    odd = _kernel("m", "matmul", 1, m=3, k=5, n=7)
+    for sc in [s for s in SCENARIOS if s.kind == "kernel"] + [odd]:
+        work = KernelWorkload(sc)
+        assert work.info["function"].startswith("nn_core.model."), sc.id
+        got = work.run_once()
+        got = got[0] if isinstance(got, tuple) else got
+        np.testing.assert_allclose(got, work.reference(), rtol=1e-5, atol=1e-6, err_msg=sc.id)
+
+
 def test_forward_flops_by_hand() -> None:
     f = fl.forward_flops(HAND, batch=1, seq=2)
     assert f.qkv == 2 * 2 * 4 * (4 + 2 + 2) == 128

@@ -80,20 +80,25 @@ class KernelWorkload(Workload):
         if kernel == "matmul":  # C = A @ B^T, A [m, k], B [n, k]
             a = rng.standard_normal((p["m"], p["k"]), dtype=np.float32)
             b = rng.standard_normal((p["n"], p["k"]), dtype=np.float32)
+            # the package's linear_forward takes B^T [k, n] as the model stores its weights
+            bt = np.ascontiguousarray(b.T)
             ref: Callable[[], Any] = lambda: a @ b.T  # noqa: E731
-            call = (lambda: found[1](a, b)) if found else ref
+            call = (lambda: found[1](a, bt)) if found else ref
         elif kernel == "softmax":  # x [n]
             x = rng.standard_normal(p["n"], dtype=np.float32)
-            call = (lambda: found[1](x)) if found else (lambda: _np_softmax(x))
+            ref = lambda: _np_softmax(x)  # noqa: E731
+            call = (lambda: found[1](x)) if found else ref
         elif kernel == "rmsnorm":  # x [2, 32, 64] viewed as rows [N, H]
             shape = tuple(p["shape"])
             x = rng.standard_normal(shape, dtype=np.float32).reshape(-1, shape[-1])
             gain = np.ones(shape[-1], dtype=np.float32)
-            call = (lambda: found[1](x, gain, 1e-6)) if found else (lambda: _np_rmsnorm(x, gain))
+            ref = lambda: _np_rmsnorm(x, gain)  # noqa: E731
+            call = (lambda: found[1](x, gain, 1e-6)) if found else ref
             self.info["input_view"] = f"rows [{x.shape[0]}, {x.shape[1]}] (N, H)"
         else:
             raise ValueError(f"unknown kernel {kernel!r}")
         self.call = call
+        self.reference = ref  # the same result computed directly with NumPy (tests compare)
         self.info["function"] = found[0] if found else "numpy reference (no package kernel found)"
 
     def run(self) -> Any:
