@@ -155,3 +155,32 @@ def test_the_parser_sees_import_forms(source: str, tmp_path: Path) -> None:
         assert imports_of(fake, known) == {"nn_core.model.layers"}
     finally:
         SRC = saved
+
+
+def _modules_after(code: str) -> set[str]:
+    """The nn_core modules a fresh interpreter has loaded after running ``code``."""
+    import subprocess
+    import sys
+
+    show = "import sys; print(' '.join(m for m in sys.modules if m.startswith('nn_core')))"
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{show}"], capture_output=True, text=True, check=True
+    )
+    return set(out.stdout.split())
+
+
+def test_imports_load_only_what_is_used() -> None:
+    """``import nn_core`` loads no layer; the model loads only the core; the command line
+    loads only the subcommand it runs; every public name still resolves."""
+    assert _modules_after("import nn_core") <= {"nn_core", "nn_core.errors", "nn_core.version"}
+    model = _modules_after("from nn_core import MoETransformer")
+    assert {layer_of(m)[1] for m in model} <= {"nn_core", *LAYERS[0], *LAYERS[1], "nn_core.model"}
+    bench = _modules_after("from nn_core.app.cli import build_parser; build_parser(['bench'])")
+    unused = ("nn_core.training", "nn_core.data", "nn_core.storage")
+    assert not any(m.startswith(unused) for m in bench)
+    assert "nn_core.app.commands.train" not in bench
+    every = _modules_after(
+        "import nn_core\nfor name in nn_core.__all__: getattr(nn_core, name)\n"
+        "from nn_core.app.cli import build_parser; build_parser([])"
+    )
+    assert "nn_core.training.trainer" in every and "nn_core.app.commands.train" in every

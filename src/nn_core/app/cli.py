@@ -34,7 +34,7 @@ the default run directory. ``nn-core train`` locks its run directory for its who
 life (see ``nn_core.app.run_dir``).
 
 To add a subcommand: a module in ``nn_core.app.commands`` with ``add(subparsers)`` (its
-options, and ``set_defaults(run=...)``) and ``run(args) -> int``, listed in ``COMMANDS``.
+options, and ``set_defaults(run=...)``) and ``run(args) -> int``, named in ``COMMANDS``.
 Heavy modules (matplotlib, tqdm, safetensors) are imported inside the commands that
 use them.
 """
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import sys
@@ -50,27 +51,31 @@ from collections.abc import Sequence
 
 from ..errors import ConfigError, NNCoreError, OutputError
 from ..version import __version__
-from .commands import (
-    bench,
-    convergence,
-    evaluate,
-    experts,
-    export,
-    generate,
-    import_,
-    info,
-    plot,
-    prepare,
-    train,
-)
 from .options import PROG, Parser, UsageError
 
-COMMANDS = [train, generate, evaluate, export, import_, info, bench, convergence, prepare]
-COMMANDS += [plot, experts]  # expert telemetry
+# subcommand -> its module in nn_core.app.commands, in the order `--help` lists them.
+# Only the module of the command being run is imported (with every module when no
+# known command is given, for the list in --help and the usage error): `nn-core bench`
+# does not load the training, data and storage code.
+COMMANDS = {
+    "train": "train",
+    "generate": "generate",
+    "evaluate": "evaluate",
+    "export": "export",
+    "import": "import_",
+    "info": "info",
+    "bench": "bench",
+    "convergence": "convergence",
+    "prepare": "prepare",
+    "plot": "plot",  # expert telemetry
+    "experts": "experts",
+}
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by SIGPIPE reports
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for a command line ``argv``: every subcommand is listed, and the one
+    ``argv`` names (every one if it names none) gets its options."""
     parser = Parser(
         prog=PROG,
         description="nn-core: a from-scratch Mixture-of-Experts transformer on NumPy.",
@@ -81,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=Parser
     )
-    for command in COMMANDS:
-        command.add(sub)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module in COMMANDS.items():
+        if chosen in (name, None) or chosen not in COMMANDS:
+            importlib.import_module(f"{__package__}.commands.{module}").add(sub)
     return parser
 
 
@@ -93,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     try:
-        args = build_parser().parse_args(args_list)
+        args = build_parser(args_list).parse_args(args_list)
         args.argv = None if argv is None else args_list
         status = int(args.run(args))
         sys.stdout.flush()  # a reader gone now is a broken pipe here, not at exit
