@@ -28,6 +28,33 @@ def test_fused_adamw_equals_numpy_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adamw_applies_the_clipping_factor_as_clip_grad_norm_does(dtype):
+    """grad_scale: the gradients are scaled in place (as clip_grad_norm leaves them), then
+    the update uses them; 1.0 leaves the gradients untouched."""
+    rng = np.random.default_rng(2)
+    n = 70_001
+    params = rng.standard_normal(n).astype(dtype)
+    grads = (rng.standard_normal(n) * 3).astype(dtype)
+    ref = [params.copy(), grads.copy(), np.zeros_like(params), np.zeros_like(params)]
+    fused = [params.copy(), grads.copy(), np.zeros_like(params), np.zeros_like(params)]
+    clipped = [params.copy(), grads.copy(), np.zeros_like(params), np.zeros_like(params)]
+    scale = 0.37
+    adamw_update(*ref, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, scale)
+    adamw_update_fused(*fused, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, scale)
+    clipped[1] *= scale  # what clip_grad_norm does, then the update without a factor
+    adamw_update(*clipped, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+    for a, b in zip(clipped, ref):
+        np.testing.assert_array_equal(b, a)  # the reference: exactly clip, then update
+    np.testing.assert_array_equal(fused[1], ref[1])  # the clipped gradient, written back
+    ulp = np.finfo(dtype).eps
+    for a, b in zip(ref, fused):
+        np.testing.assert_allclose(b, a, rtol=4 * ulp, atol=4 * ulp * np.abs(a).max())
+    untouched = grads.copy()
+    adamw_update_fused(params.copy(), untouched, *fused[2:], 1e-3, 0.9, 0.95, 1e-8, 0.1, 2)
+    np.testing.assert_array_equal(untouched, grads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_global_norm_equals_numpy_reference(dtype):
     rng = np.random.default_rng(1)
     flat = rng.standard_normal(250_001).astype(dtype)

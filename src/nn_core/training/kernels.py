@@ -31,8 +31,10 @@ def _compiled() -> dict[str, Callable[..., Any]]:
     import numba as nb
 
     @nb.njit(parallel=True, fastmath=False, cache=True)
-    def adamw(params, grads, m, v, lr, beta1, beta2, eps, wd, t):  # pragma: no cover - compiled
+    def adamw(params, grads, m, v, lr, beta1, beta2, eps, wd, t, scale):  # pragma: no cover
         dt = params.dtype.type
+        scaled = scale != 1.0
+        s = dt(scale)  # Gradient clipping: g *= clip / (norm + 1e-12), in the gradients' dtype
         bc1 = 1.0 - beta1**t  # bias corrections
         bc2 = 1.0 - beta2**t
         sqrt_bc2 = math.sqrt(bc2)
@@ -43,6 +45,9 @@ def _compiled() -> dict[str, Callable[..., Any]]:
         one_m_b1, one_m_b2 = dt(1.0 - beta1), dt(1.0 - beta2)
         for i in nb.prange(params.size):
             g = grads[i]
+            if scaled:  # the clipped gradient, also written back (as clip_grad_norm leaves it)
+                g = g * s
+                grads[i] = g
             mi = m[i] * b1 + g * one_m_b1  # m = b1 m + (1-b1) g
             vi = v[i] * b2 + (g * g) * one_m_b2  # v = b2 v + (1-b2) g^2
             m[i] = mi
@@ -61,11 +66,12 @@ def _compiled() -> dict[str, Callable[..., Any]]:
     return {"adamw": adamw, "sum_squares": sum_squares}
 
 
-def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t) -> None:  # type: ignore[no-untyped-def]
-    """``train.adamw_update`` as one fused parallel pass (same signature, same formula)."""
-    _compiled()["adamw"](params, grads, m, v, lr, beta1, beta2, eps, wd, t)
+def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t, grad_scale=1.0) -> None:  # type: ignore[no-untyped-def]
+    """``optim.adamw_update`` as one fused parallel pass (same signature, same formula):
+    the clipping factor ``grad_scale`` is applied in the same pass, not in one of its own."""
+    _compiled()["adamw"](params, grads, m, v, lr, beta1, beta2, eps, wd, t, float(grad_scale))
 
 
 def global_norm_fused(flat) -> float:  # type: ignore[no-untyped-def]
-    """``train.global_norm`` in one parallel pass, accumulated in float64."""
+    """``optim.global_norm`` in one pass, accumulated in float64."""
     return math.sqrt(float(_compiled()["sum_squares"](flat)))
