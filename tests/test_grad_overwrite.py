@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nn_core import Config, MoETransformer
-from nn_core.model.layers import weight_grad
+from nn_core.model.layers import embedding_backward, weight_grad
 
 # 8 experts, top-1, a 2-token batch: most experts get no rows (their gradients must be
 # written as zeros), and the routed ones get a single row (the outer-product path)
@@ -86,3 +86,23 @@ def test_weight_grad_writes_or_adds_the_product(rows):
     acc = start.copy()
     weight_grad(a, b, acc)
     np.testing.assert_array_equal(acc, start + a @ b)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_embedding_backward_on_flat_indices_equals_row_adds(overwrite):
+    """The flat-index path (contiguous dW) and the row path (any other layout) add the
+    same terms in the same order: bit for bit equal, repeated ids accumulated."""
+    rng = np.random.default_rng(4)
+    ids = np.array([3, 1, 3, 3, 9, 0, 1])
+    dout = rng.standard_normal((ids.size, 5)).astype(np.float32)  # [N, H]
+    start = rng.standard_normal((10, 5)).astype(np.float32)  # [V, H]
+    flat = start.copy()
+    strided = np.asfortranarray(start)  # not C-contiguous: the row path
+    embedding_backward(dout, ids, flat, overwrite=overwrite)
+    embedding_backward(dout, ids, strided, overwrite=overwrite)
+    np.testing.assert_array_equal(flat, strided)
+    expected = np.zeros_like(start) if overwrite else start.astype(np.float64)
+    for i, t in enumerate(ids):
+        expected[t] += dout[i]
+    np.testing.assert_allclose(flat, expected, rtol=1e-6, atol=1e-6)
+    assert (flat[[2, 4]] == (0 if overwrite else start[[2, 4]])).all()  # untouched rows
