@@ -291,15 +291,13 @@ def swiglu_backward(
     dgu_p = buffer(ws, key + "dgu", (rows + pad, 2 * f), dt, zero=True)  # [C + pad, 2F]
     dgu = dgu_p[:rows]  # [C, 2F]; the pad rows stay 0
     dg, du = dgu[:, :f], dgu[:, f:]
-    dh = dh[:rows]
-    np.multiply(g, sig, out=du)  # s(G)
-    du *= dh  # dU = dh . s(G)
+    np.multiply(g, sig, out=du)  # s(G) = G sigma(G)
     np.subtract(1, sig, out=dg)
-    dg *= g
-    dg += 1
-    dg *= sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G)))
-    dg *= u
-    dg *= dh  # dG = dh . U . s'(G)
+    dg *= du
+    dg += sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G))) = sigma(G) + s(G) (1 - sigma(G))
+    dg *= u  # U . s'(G)
+    dgu2 = dgu.reshape(rows, 2, f)  # [C, 2, F]: both halves times dh in one contiguous pass
+    dgu2 *= dh[:rows, None]  # dG = dh . U . s'(G);  dU = dh . s(G)
     dx = buffer(ws, key + "dx", (rows + pad, hidden), dt)  # [C + pad, H]
     for e, lo, hi in bounds:
         # [dWg dWu]^T += x^T [dG dU]
