@@ -54,6 +54,25 @@ def test_fused_adamw_applies_the_clipping_factor_as_clip_grad_norm_does(dtype):
     np.testing.assert_array_equal(untouched, grads)
 
 
+def test_fused_adamw_is_the_same_on_one_thread_and_on_all(monkeypatch):
+    """Small buffers take one thread, large ones all: element by element the same
+    arithmetic, so bit for bit the same result."""
+    from nn_core.training import kernels
+
+    rng = np.random.default_rng(3)
+    n = 50_001
+    start = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    start[3] = np.abs(start[3])  # v >= 0
+    runs = []
+    for parallel_min in (n + 1, 0):  # one thread, then all
+        monkeypatch.setattr(kernels, "ADAMW_PARALLEL_MIN", parallel_min)
+        bufs = [b.copy() for b in start]
+        adamw_update_fused(*bufs, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5)
+        runs.append(bufs)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_global_norm_equals_numpy_reference(dtype):
     rng = np.random.default_rng(1)
