@@ -203,7 +203,7 @@ def moe_backward(
     c = n * top_k
     dt = x.dtype
     dys = np.take(dout, tokens, axis=0, out=buffer(ws, key + "dys", (c, hidden), dt))  # dout_t
-    dgate = np.einsum("ch,ch->c", dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
+    dgate = np.vecdot(dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
     dys *= gate[:, None]  # dy_tk = w_tk dout_t
     dxs = swiglu_backward(
         dys,
