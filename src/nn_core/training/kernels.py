@@ -36,17 +36,10 @@ def _compiled() -> dict[str, Callable[..., Any]]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import numba as nb
 
-    @nb.njit(inline="always", fastmath=False)
-    def adamw_element(g, mi, vi, w, consts):  # pragma: no cover - compiled
-        b1, b2, one_m_b1, one_m_b2, eps_hat, step_size, decay = consts
-        mi = mi * b1 + g * one_m_b1  # m = b1 m + (1-b1) g
-        vi = vi * b2 + (g * g) * one_m_b2  # v = b2 v + (1-b2) g^2
-        update = mi / (np.sqrt(vi) + eps_hat) * step_size
-        return mi, vi, w * decay - update  # w -= lr * (m_hat/(sqrt(v_hat)+eps) + wd w)
-
     @nb.njit(parallel=True, fastmath=False, cache=True)
     def adamw(params, grads, m, v, lr, beta1, beta2, eps, wd, t, scale):  # pragma: no cover
         dt = params.dtype.type
+        s = dt(scale)  # Gradient clipping: g *= clip / (norm + 1e-12), in the gradients' dtype
         bc1 = 1.0 - beta1**t  # bias corrections
         bc2 = 1.0 - beta2**t
         sqrt_bc2 = math.sqrt(bc2)
@@ -54,18 +47,18 @@ def _compiled() -> dict[str, Callable[..., Any]]:
         eps_hat = dt(eps * sqrt_bc2)
         decay = dt(1.0 - lr * wd)
         b1, b2 = dt(beta1), dt(beta2)
-        consts = (b1, b2, dt(1.0 - beta1), dt(1.0 - beta2), eps_hat, step_size, decay)
-        # two loops rather than a test per element: a loop with a conditional store is
-        # not vectorized (measured: twice the instructions)
-        if scale != 1.0:
-            s = dt(scale)  # Gradient clipping: g *= clip / (norm + 1e-12), in the dtype
-            for i in nb.prange(params.size):
-                g = grads[i] * s
-                grads[i] = g  # the clipped gradient, written back (as clip_grad_norm does)
-                m[i], v[i], params[i] = adamw_element(g, m[i], v[i], params[i], consts)
-        else:
-            for i in nb.prange(params.size):
-                m[i], v[i], params[i] = adamw_element(grads[i], m[i], v[i], params[i], consts)
+        one_m_b1, one_m_b2 = dt(1.0 - beta1), dt(1.0 - beta2)
+        for i in nb.prange(params.size):
+            # the clipped gradient, written back as clip_grad_norm leaves it (unconditionally:
+            # a loop with a conditional store is not vectorized; g * 1 is exactly g)
+            g = grads[i] * s
+            grads[i] = g
+            mi = m[i] * b1 + g * one_m_b1  # m = b1 m + (1-b1) g
+            vi = v[i] * b2 + (g * g) * one_m_b2  # v = b2 v + (1-b2) g^2
+            m[i] = mi
+            v[i] = vi
+            update = mi / (np.sqrt(vi) + eps_hat) * step_size
+            params[i] = params[i] * decay - update  # w -= lr * (m_hat/(sqrt(v_hat)+eps) + wd w)
 
     @nb.njit(fastmath=True, cache=True)  # one thread, vectorized: reassociates the float64 sum
     def sum_squares(flat):  # pragma: no cover - compiled
