@@ -1,8 +1,9 @@
 """Fused compiled kernels (Numba) for the memory-bound passes of a train step.
 
 The plain-NumPy functions in ``optim.py`` are the reference; these do the same
-arithmetic in one pass over the flat buffers instead of ~13 (AdamW, split over
-the cores) or 3 (gradient norm, one vectorized thread). Tests hold the two equal to float
+arithmetic in one pass over the flat buffers instead of ~13 (AdamW with the clipping
+factor, split over the cores from ADAMW_PARALLEL_MIN parameters up) or 3 (gradient
+norm, one vectorized thread). Tests hold the two equal to float
 rounding. Numba is imported only when a kernel is first asked for (importing it
 costs about half a second), and compiled functions are cached on disk
 (``cache=True``), so neither import nor compile lands in a forward pass or in
