@@ -28,6 +28,52 @@ def test_fused_adamw_equals_numpy_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adamw_applies_the_clipping_factor_as_clip_grad_norm_does(dtype):
+    """grad_scale: the gradients are scaled in place (as clip_grad_norm leaves them), then
+    the update uses them; 1.0 leaves the gradients untouched."""
+    rng = np.random.default_rng(2)
+    n = 70_001
+    params = rng.standard_normal(n).astype(dtype)
+    grads = (rng.standard_normal(n) * 3).astype(dtype)
+    ref = [params.copy(), grads.copy(), np.zeros_like(params), np.zeros_like(params)]
+    fused = [params.copy(), grads.copy(), np.zeros_like(params), np.zeros_like(params)]
+    clipped = [params.copy(), grads.copy(), np.zeros_like(params), np.zeros_like(params)]
+    scale = 0.37
+    adamw_update(*ref, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, scale)
+    adamw_update_fused(*fused, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, scale)
+    clipped[1] *= scale  # what clip_grad_norm does, then the update without a factor
+    adamw_update(*clipped, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+    for a, b in zip(clipped, ref):
+        np.testing.assert_array_equal(b, a)  # the reference: exactly clip, then update
+    np.testing.assert_array_equal(fused[1], ref[1])  # the clipped gradient, written back
+    ulp = np.finfo(dtype).eps
+    for a, b in zip(ref, fused):
+        np.testing.assert_allclose(b, a, rtol=4 * ulp, atol=4 * ulp * np.abs(a).max())
+    untouched = grads.copy()
+    adamw_update_fused(params.copy(), untouched, *fused[2:], 1e-3, 0.9, 0.95, 1e-8, 0.1, 2)
+    np.testing.assert_array_equal(untouched, grads)
+
+
+def test_fused_adamw_is_the_same_on_one_thread_and_on_all(monkeypatch):
+    """Small buffers take one thread, large ones all: element by element the same
+    arithmetic, so bit for bit the same result."""
+    from nn_core.training import kernels
+
+    rng = np.random.default_rng(3)
+    n = 50_001
+    start = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    start[3] = np.abs(start[3])  # v >= 0
+    runs = []
+    for parallel_min in (n + 1, 0):  # one thread, then all
+        monkeypatch.setattr(kernels, "ADAMW_PARALLEL_MIN", parallel_min)
+        bufs = [b.copy() for b in start]
+        adamw_update_fused(*bufs, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5)
+        runs.append(bufs)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_global_norm_equals_numpy_reference(dtype):
     rng = np.random.default_rng(1)
     flat = rng.standard_normal(250_001).astype(dtype)
@@ -62,3 +108,32 @@ def test_unknown_kernels_are_rejected():
 
     with pytest.raises(ConfigError, match="kernels"):
         TrainConfig(kernels="cuda")
+
+
+def test_compiled_kernels_are_loaded_from_the_disk_cache():
+    """A second process loads the kernels instead of compiling them again (a compile
+    costs over a second and ~15 MB of resident memory in every training process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from nn_core.training.kernels import _compiled, adamw_update_fused, global_norm_fused\n"
+        "p, g, m, v = (np.ones(64, np.float32) for _ in range(4))\n"
+        "adamw_update_fused(p, g, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 0.5)\n"
+        "global_norm_fused(g)\n"
+        "k = _compiled()\n"
+        "print(sum(k['adamw'].stats.cache_hits.values()),"
+        " sum(k['sum_squares'].stats.cache_hits.values()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[1].stdout.split() == ["1", "1"], (runs[1].stdout, runs[1].stderr)

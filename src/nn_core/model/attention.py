@@ -249,6 +249,8 @@ def attention_backward(
     rope: Rope,
     ws: Workspace | None = None,
     key: str = "",
+    *,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Attention backward, in the transposed layout:
     dP = do v^T; dv = P^T do; dS = softmax backward of dP; dq = dS k / sqrt(D);
@@ -262,7 +264,7 @@ def attention_backward(
     s = n // batch
     a = n_heads // n_kv_heads
     dt = x.dtype
-    do = linear_backward(dout, o, w_o, dw_o, ws, key + "o_proj.")  # [N, Q]
+    do = linear_backward(dout, o, w_o, dw_o, ws, key + "o_proj.", overwrite=overwrite)  # [N, Q]
     if n_kv_heads == 1:
         dog = do.reshape(batch, 1, sa, d)
     else:
@@ -294,4 +296,5 @@ def attention_backward(
         out=dqkv[:, :, n_heads : n_heads + n_kv],
     )
     np.copyto(dqkv[:, :, n_heads + n_kv :], dvg.transpose(0, 2, 1, 3))
-    return linear_backward(dqkv.reshape(n, -1), x, w_qkv, dw_qkv, ws, key + "qkv.")  # [N, H]
+    dqkv2 = dqkv.reshape(n, -1)  # [N, Q + 2KV]
+    return linear_backward(dqkv2, x, w_qkv, dw_qkv, ws, key + "qkv.", overwrite=overwrite)

@@ -70,13 +70,19 @@ def block_backward(
     fractions: np.ndarray | None = None,
     ws: Workspace | None = None,
     key: str = "",
+    *,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Block backward, each sublayer's backward before its norm's:
     dh = dout + n2_backward(M_backward(dout)); dx = dh + n1_backward(A_backward(dh)).
     ``fractions``: the aux loss's f_e [E] if not this batch's own (see moe.aux_loss).
+    ``overwrite``: write the parameter gradients instead of adding them (layers.py).
     """
-    dm = moe_backward(dout, cache.moe, w.moe, dw.moe, alpha, fractions, ws, key + "moe.")
-    dh = rmsnorm_backward(dm, cache.n2, w.ffn_norm, dw.ffn_norm, ws, key + "n2.")
+    ow = overwrite
+    dm = moe_backward(
+        dout, cache.moe, w.moe, dw.moe, alpha, fractions, ws, key + "moe.", overwrite=ow
+    )
+    dh = rmsnorm_backward(dm, cache.n2, w.ffn_norm, dw.ffn_norm, ws, key + "n2.", overwrite=ow)
     dh += dout
     da = attention_backward(
         dh,
@@ -90,7 +96,8 @@ def block_backward(
         rope,
         ws,
         key + "attn.",
+        overwrite=ow,
     )
-    dx = rmsnorm_backward(da, cache.n1, w.attn_norm, dw.attn_norm, ws, key + "n1.")
+    dx = rmsnorm_backward(da, cache.n1, w.attn_norm, dw.attn_norm, ws, key + "n1.", overwrite=ow)
     dx += dh
     return dx

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import SwiGLUCache, swiglu_backward, swiglu_forward
+from .layers import SwiGLUCache, swiglu_backward, swiglu_forward, weight_grad
 from .tensor import softmax, softmax_backward
 from .workspace import Workspace, buffer
 
@@ -113,6 +113,8 @@ def router_backward(
     fractions: np.ndarray | None = None,
     ws: Workspace | None = None,
     key: str = "",
+    *,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Router backward, through the renormalized top-k gate weights and the aux loss.
 
@@ -135,7 +137,7 @@ def router_backward(
     kept = (top_idx.T, np.arange(n))  # the kept (expert, token) entries   [K, N] each
     dprobs_t[kept] += dkept.T
     dz_t = softmax_backward(dprobs_t, probs.T, axis=0, out=dprobs_t)  # [E, N]
-    dw_router += dz_t @ x
+    weight_grad(dz_t, x, dw_router, overwrite, ws, key + "dw")  # dWr += dz^T x   [E, H]
     dx = buffer(ws, key + "dx", x.shape, x.dtype)
     return np.matmul(dz_t.T, w_router, out=dx)  # [N, H]
 
@@ -189,6 +191,8 @@ def moe_backward(
     fractions: np.ndarray | None = None,
     ws: Workspace | None = None,
     key: str = "",
+    *,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """MoE backward: dy_tk = w_tk dout_t (into expert k's backward); dw_tk = dout_t . y_tk;
     the gather's backward is a scatter-add of the experts' input gradients.
@@ -199,10 +203,18 @@ def moe_backward(
     c = n * top_k
     dt = x.dtype
     dys = np.take(dout, tokens, axis=0, out=buffer(ws, key + "dys", (c, hidden), dt))  # dout_t
-    dgate = np.einsum("ch,ch->c", dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
+    dgate = np.vecdot(dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
     dys *= gate[:, None]  # dy_tk = w_tk dout_t
     dxs = swiglu_backward(
-        dys, cache.experts, w.gate_up, w.down, dw.gate_up, dw.down, ws, key + "experts."
+        dys,
+        cache.experts,
+        w.gate_up,
+        w.down,
+        dw.gate_up,
+        dw.down,
+        ws,
+        key + "experts.",
+        overwrite=overwrite,
     )
     slots = buffer(ws, key + "dslots", (c, hidden), dt)
     slots[routing.order] = dxs  # back to (slot, token) order
@@ -220,5 +232,6 @@ def moe_backward(
         fractions,
         ws,
         key + "router.",
+        overwrite=overwrite,
     )
     return dx

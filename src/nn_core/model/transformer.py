@@ -442,15 +442,26 @@ class MoETransformer:
             if fractions.shape != want:
                 raise InputError(f"fractions must have shape {want}, got {fractions.shape}")
         with self._gradient_writer(), blas_threads(self.blas_threads_for(state.ids.size)):
-            if zero_grad:
-                self.zero_grad()
-            self._backward(state, float(scale), fractions)
+            # zero_grad: every gradient is written, not added (no separate zero fill)
+            self._backward(state, float(scale), fractions, zero_grad)
 
     def _gradient_writer(self) -> _GradientWriter:
         return _GradientWriter(self._grad_lock)
 
-    def _backward(self, state: LossState, scale: float, fractions: np.ndarray | None) -> None:
-        """The forward's call list in reverse, one line per layer."""
+    def _backward(
+        self,
+        state: LossState,
+        scale: float,
+        fractions: np.ndarray | None,
+        overwrite: bool = False,
+    ) -> None:
+        """The forward's call list in reverse, one line per layer.
+
+        ``overwrite``: every parameter gradient is written instead of added, which
+        leaves the gradient buffer holding exactly this gradient (as zero_grad, then
+        adding, would, without the zero fill and the read-add-write passes).
+        """
+        ow = overwrite
         ws = state.workspace
         ids = state.ids
         batch = ids.shape[0]
@@ -459,9 +470,17 @@ class MoETransformer:
         alpha = state.alpha * scale
         y, final_cache = state.final
         dlogits = cross_entropy_backward(state.ce, scale)  # [N, V]
-        dy = linear_backward(dlogits, y, self._lm_head, self._dlm_head, ws, "lm_head.")
+        dy = linear_backward(
+            dlogits, y, self._lm_head, self._dlm_head, ws, "lm_head.", overwrite=ow
+        )
         dx = rmsnorm_backward(
-            dy, final_cache, params["final_norm.weight"], grads["final_norm.weight"], ws, "final."
+            dy,
+            final_cache,
+            params["final_norm.weight"],
+            grads["final_norm.weight"],
+            ws,
+            "final.",
+            overwrite=ow,
         )
         for i in reversed(range(self.config.n_layers)):
             key = self._layer_key(i, checkpoint)
@@ -472,9 +491,19 @@ class MoETransformer:
                 )
             f = None if fractions is None else fractions[i]
             dx = block_backward(
-                dx, cache, self._w[i], self._dw[i], self.config, self.rope, alpha, f, ws, key
+                dx,
+                cache,
+                self._w[i],
+                self._dw[i],
+                self.config,
+                self.rope,
+                alpha,
+                f,
+                ws,
+                key,
+                overwrite=ow,
             )
-        embedding_backward(dx, ids.reshape(-1), grads["embed.weight"])
+        embedding_backward(dx, ids.reshape(-1), grads["embed.weight"], overwrite=ow)
         ws.generation += 1  # the cross-entropy buffer was consumed: the state is spent
 
     def loss_terms(
@@ -518,9 +547,8 @@ class MoETransformer:
         alpha = check_number(aux_loss_weight, "aux_loss_weight", 0.0, np.inf, high_open=True)
         ws = self._workspace("loss", ids.shape)
         with self._gradient_writer(), blas_threads(self.blas_threads_for(ids.size)):
-            self.zero_grad()
             state = self._forward_loss(ids, tgt, alpha, activation_checkpointing, ws)
-            self._backward(state, 1.0, None)
+            self._backward(state, 1.0, None, True)  # written, not added: no zero fill
         return state.terms
 
 

@@ -72,6 +72,7 @@ def adamw_update(
     eps: float,
     wd: float,
     t: int,
+    grad_scale: float = 1.0,
 ) -> None:
     """One AdamW step in place over flat buffers [P] (the plain-NumPy reference kernel).
 
@@ -83,11 +84,12 @@ def adamw_update(
         w = w * (1 - lr wd) - (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2)),
     bc1 = 1 - b1^t, bc2 = 1 - b2^t; it agrees with the formula above to rounding.
 
-    ``t`` is the 1-based update count. The buffers are walked in blocks of BLOCK_BYTES
-    so each block's ~13 passes stay in L2, with one block-sized scratch buffer and no
-    P-sized temporaries. Arithmetic is in the buffers' dtype (Python-float constants do
-    not upcast float32, NEP 50). A compiled kernel with this signature can replace it
-    (``AdamW(update_fn=...)``).
+    ``t`` is the 1-based update count. ``grad_scale`` != 1 first scales the gradients in
+    place, g *= grad_scale (the clipping factor, ``clip_factor``). The buffers are walked
+    in blocks of BLOCK_BYTES so each block's ~13 passes stay in L2, with one block-sized
+    scratch buffer and no P-sized temporaries. Arithmetic is in the buffers' dtype
+    (Python-float constants do not upcast float32, NEP 50). A compiled kernel with this
+    signature can replace it (``AdamW(update_fn=...)``).
     """
     bc1 = 1.0 - beta1**t  # bias corrections
     bc2 = 1.0 - beta2**t
@@ -103,6 +105,8 @@ def adamw_update(
         end = min(start + block, n)
         w, g, mb, vb = params[start:end], grads[start:end], m[start:end], v[start:end]
         tmp = scratch[: end - start]
+        if grad_scale != 1.0:
+            g *= grad_scale  # Gradient clipping: g *= clip / (norm + 1e-12)
         mb *= beta1  # m = b1 m + (1-b1) g
         np.multiply(g, one_m_b1, out=tmp)
         mb += tmp
@@ -119,7 +123,7 @@ def adamw_update(
 
 
 UpdateFn = Callable[
-    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, float, float, float, float, int],
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, float, float, float, float, int, float],
     None,
 ]
 
@@ -174,8 +178,9 @@ class AdamW:
             **kwargs,
         )
 
-    def step(self, lr: float) -> None:
-        """Apply one update with learning rate ``lr`` from the current gradients."""
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """Apply one update with learning rate ``lr`` from the current gradients, first
+        scaled in place by ``grad_scale`` (the clipping factor, ``clip_factor``)."""
         self.t += 1
         self.update_fn(
             self.params,
@@ -188,6 +193,7 @@ class AdamW:
             self.eps,
             self.weight_decay,
             self.t,
+            float(grad_scale),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,6 +234,14 @@ def global_norm(flat: np.ndarray) -> float:
     return math.sqrt(total)
 
 
+def clip_factor(norm: float, max_norm: float) -> float:
+    """Gradient clipping: the factor the gradients are multiplied by, clip / (norm + 1e-12)
+    if norm > clip, else 1 (also for a non-finite norm: such a step is refused)."""
+    if math.isfinite(norm) and norm > max_norm:
+        return max_norm / (norm + CLIP_EPS)
+    return 1.0
+
+
 def clip_grad_norm(
     flat_grads: np.ndarray,
     max_norm: float,
@@ -237,9 +251,11 @@ def clip_grad_norm(
 
     docs/training.md, section 3: if norm > clip: g *= clip / (norm + 1e-12). The norm is
     accumulated in float64 (``global_norm``). A non-finite norm leaves the gradients
-    untouched (the trainer refuses the step).
+    untouched (the trainer refuses the step). The trainer does not call this: it takes
+    the same ``clip_factor`` and lets the AdamW pass apply it (``AdamW.step``).
     """
     norm = norm_fn(flat_grads)
-    if math.isfinite(norm) and norm > max_norm:
-        flat_grads *= max_norm / (norm + CLIP_EPS)
+    factor = clip_factor(norm, max_norm)
+    if factor != 1.0:
+        flat_grads *= factor
     return norm

@@ -27,7 +27,7 @@ from ..checks import check_int
 from ..errors import CheckpointError, ConfigError, InputError, NonFiniteError, OutputError
 from ..model.config import Config
 from .config import TrainConfig
-from .optim import AdamW, clip_grad_norm, get_lr, global_norm
+from .optim import AdamW, clip_factor, get_lr, global_norm
 
 if TYPE_CHECKING:
     from ..model.moe import Routing, RoutingStats
@@ -137,13 +137,14 @@ class Trainer:
         except FloatingPointError as exc:  # a model running under np.errstate(raise)
             raise self._non_finite(t, f"floating-point error ({exc})") from exc
         total, ce, aux = (float(x) for x in terms)
-        grad_norm = clip_grad_norm(self.model.flat_grads, cfg.grad_clip, self._global_norm)
+        grad_norm = self._global_norm(self.model.flat_grads)  # before clipping
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             error = self._non_finite(t, f"loss={total!r}, grad_norm={grad_norm!r}")
             if self.group is not None:  # reduced values: every rank raises it here
                 error.every_rank = True  # type: ignore[attr-defined]
             raise error
-        self.optimizer.step(lr)
+        # clip_grad_norm's clipping, applied by the AdamW pass (no pass of its own)
+        self.optimizer.step(lr, grad_scale=clip_factor(grad_norm, cfg.grad_clip))
         self.step = t + 1
         return {"step": t, "loss": total, "ce": ce, "aux": aux, "grad_norm": grad_norm, "lr": lr}
 
