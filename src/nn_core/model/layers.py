@@ -12,6 +12,7 @@ fresh array.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -23,10 +24,16 @@ from .workspace import Workspace, buffer
 
 
 def embedding_forward(
-    ids: np.ndarray, weight: np.ndarray, ws: Workspace | None = None, key: str = ""
+    ids: np.ndarray,
+    weight: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Embedding: out = W[token_id, :].   ids [N] int, W [V, H] -> [N, H]."""
-    out = buffer(ws, key + "out", (ids.size, weight.shape[1]), weight.dtype)
+    """Embedding: out = W[token_id, :].   ids [N] int, W [V, H] -> [N, H] (into ``out``
+    if given, else the workspace's buffer)."""
+    if out is None:
+        out = buffer(ws, key + "out", (ids.size, weight.shape[1]), weight.dtype)
     return weight.take(ids, axis=0, out=out)  # the method: np.take adds a Python layer
 
 
@@ -51,18 +58,28 @@ def rmsnorm_forward(
     key: str = "",
 ) -> tuple[np.ndarray, RMSNormCache]:
     """RMSNorm: y = x * 1/sqrt(mean(x^2) + eps) * gamma.   x [N, H], gamma [H] -> [N, H]."""
-    n, h = x.shape
-    r = buffer(ws, key + "r", (n, 1), x.dtype)  # [N, 1]
-    np.vecdot(x, x, out=r[:, 0])  # sum(x^2)
-    dt = x.dtype
-    r *= dtype_scalar(1.0 / h, dt)  # mean(x^2)
-    r += dtype_scalar(eps, dt)
-    np.sqrt(r, out=r)
-    np.reciprocal(r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
+    r = buffer(ws, key + "r", (x.shape[0], 1), x.dtype)  # [N, 1]
     y = buffer(ws, key + "y", x.shape, x.dtype)
+    return rmsnorm_into(x, gain, eps, r, y), RMSNormCache(x, r)
+
+
+def rmsnorm_into(
+    x: np.ndarray, gain: np.ndarray, eps: float, r: np.ndarray, y: np.ndarray
+) -> np.ndarray:
+    """RMSNorm into given arrays: r [N, 1] = 1/sqrt(mean(x^2) + eps), y [N, H] = x r gamma.
+
+    Computed as r = sqrt(H) / sqrt(sum(x^2) + H eps) (the same value: four calls instead
+    of five). Returns y.
+    """
+    h = x.shape[1]
+    dt = x.dtype
+    np.vecdot(x, x, out=r, keepdims=True)  # sum(x^2)   [N, 1]
+    r += dtype_scalar(h * eps, dt)  # H (mean(x^2) + eps)
+    np.sqrt(r, out=r)
+    np.divide(dtype_scalar(math.sqrt(h), dt), r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
     np.multiply(x, r, out=y)
     y *= gain
-    return y, RMSNormCache(x, r)
+    return y
 
 
 def rmsnorm_backward(
@@ -99,15 +116,23 @@ def rmsnorm_backward(
 
 
 def linear_forward(
-    x: np.ndarray, w_t: np.ndarray, ws: Workspace | None = None, key: str = ""
+    x: np.ndarray,
+    w_t: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Linear: Y = X @ W^T, no bias, for W [out_features, in_features].
 
     ``w_t`` is W^T [in, out] (how the model stores it: a contiguous right operand).
-    x [N, in] -> [N, out].
+    x [N, in] -> [N, out], into ``out`` (C-contiguous) if given, else the workspace's
+    buffer. ``ndarray.dot``: the same BLAS product as ``@`` without the ufunc dispatch.
     """
-    out = buffer(ws, key + "y", (x.shape[0], w_t.shape[1]), x.dtype)
-    return np.matmul(x, w_t, out=out)
+    if out is None:
+        if ws is None:
+            return x.dot(w_t)
+        out = buffer(ws, key + "y", (x.shape[0], w_t.shape[1]), x.dtype)
+    return x.dot(w_t, out)
 
 
 def linear_backward(
@@ -168,18 +193,41 @@ def swiglu_forward(
         w_gate_up, w_down, counts = w_gate_up[None], w_down[None], [x.shape[0]]
     bounds = expert_bounds(counts)
     rows, f = x.shape[0], w_down.shape[1]
-    gu = buffer(ws, key + "gu", (rows, 2 * f), x.dtype)  # [C, 2F]
+    dt = x.dtype
+    gu = buffer(ws, key + "gu", (rows, 2 * f), dt)  # [C, 2F]
+    sig = buffer(ws, key + "sig", (rows, f), dt)  # [C, F]
+    h = buffer(ws, key + "h", (rows, f), dt)  # [C, F]
+    out = buffer(ws, key + "out", x.shape, dt)  # [C, H]
+    swiglu_rows(x, w_gate_up, w_down, bounds, gu, sig, h, out)
+    return out, SwiGLUCache(x, bounds, gu, sig, h)
+
+
+def swiglu_rows(
+    x: np.ndarray,
+    w_gate_up: np.ndarray,
+    w_down: np.ndarray,
+    bounds: list[tuple[int, int, int]],
+    gu: np.ndarray,
+    sig: np.ndarray,
+    h: np.ndarray,
+    out: np.ndarray,
+) -> np.ndarray:
+    """SwiGLU experts into given arrays: out = Down(SiLU(Gate(x)) * Up(x)) for the rows
+    lo:hi of each (expert, lo, hi) in ``bounds`` (any order of experts).
+
+    x [C, H]; stacked weights w_gate_up [E, H, 2F], w_down [E, F, H]; gu [C, 2F], sig
+    [C, F], h [C, F], out [C, H] C-contiguous (written; the cache's activations).
+    """
+    f = h.shape[1]
     for e, lo, hi in bounds:
-        np.matmul(x[lo:hi], w_gate_up[e], out=gu[lo:hi])  # G | U = x [Wg; Wu]^T
+        x[lo:hi].dot(w_gate_up[e], gu[lo:hi])  # G | U = x [Wg; Wu]^T
     g, u = gu[:, :f], gu[:, f:]
-    sig = sigmoid(g, out=buffer(ws, key + "sig", (rows, f), x.dtype))  # [C, F]
-    h = buffer(ws, key + "h", (rows, f), x.dtype)
+    sigmoid(g, out=sig)  # sigma(G)   [C, F]
     np.multiply(g, sig, out=h)  # SiLU: silu(G) = G sigma(G)
     h *= u  # h = s(G) . U
-    out = buffer(ws, key + "out", x.shape, x.dtype)  # [C, H]
     for e, lo, hi in bounds:
-        np.matmul(h[lo:hi], w_down[e], out=out[lo:hi])  # Down(h) = h Wd^T
-    return out, SwiGLUCache(x, bounds, gu, sig, h)
+        h[lo:hi].dot(w_down[e], out[lo:hi])  # Down(h) = h Wd^T
+    return out
 
 
 def swiglu_backward(

@@ -60,18 +60,25 @@ def exp_shifted(
     Callers that know every row has a finite entry (attention: a query always sees its
     own key) pass ``may_be_masked=False`` and save the check.
     """
-    # ufunc.reduce directly: np.max / np.sum add a Python wrapper layer per call
-    m = np.maximum.reduce(x, axis=axis, keepdims=True)
+    # ufunc.reduce directly (positional: out=None, keepdims=True): np.max / np.sum add a
+    # Python wrapper layer per call
+    m = np.maximum.reduce(x, axis, None, None, True)
     masked = None
-    if may_be_masked and not np.isfinite(m).all():  # rare: rows of -inf (inf/NaN stay visible)
+    # rare: rows of -inf (NaN/+inf stay visible); one row is read as a Python float
+    if may_be_masked and (m.item() == -np.inf if m.size == 1 else _has_neg_inf(m)):
         masked = m == -np.inf
         m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
     e = np.subtract(x, m, out=out)
     np.exp(e, out=e)
-    s = np.add.reduce(e, axis=axis, keepdims=True)
+    s = np.add.reduce(e, axis, None, None, True)
     if masked is not None:
         s[masked] = 1
     return e, m, s
+
+
+def _has_neg_inf(m: np.ndarray) -> bool:
+    """Whether an array holds -inf: its minimum ignoring NaN (fmin) is -inf."""
+    return bool(np.fmin.reduce(m, None) == -np.inf)
 
 
 def softmax(
