@@ -76,7 +76,9 @@ _COMPLEX_OF = {np.dtype(dt): np.result_type(dt, np.complex64) for dt in (np.floa
 
 def _complex(x: np.ndarray) -> np.ndarray:
     """A real [..., D] array (last axis contiguous) seen as complex [..., D/2]: entry k is
-    the pair x[2k] + i x[2k+1] (a view)."""
+    the pair x[2k] + i x[2k+1] (a view; a complex array is returned as it is)."""
+    if x.dtype.kind == "c":
+        return x
     cdt = _COMPLEX_OF.get(x.dtype)
     return x.view(np.result_type(x.dtype, np.complex64) if cdt is None else cdt)
 
@@ -87,7 +89,8 @@ def rope_rotate(x: np.ndarray, rot: np.ndarray, out: np.ndarray | None = None) -
     That is the pair as the complex number x0 + i x1 times e^(i t f_k): one complex
     multiply. x [..., D] real; ``rot`` complex [..., D/2] broadcast against it (rows of
     a Rope table); ``out`` (real, x's shape) may be a strided view whose last axis is
-    contiguous: the grouped query layout, the KV cache.
+    contiguous: the grouped query layout, the KV cache. ``x`` and ``out`` may also be
+    given already seen as complex [..., D/2] (``attention_step`` keeps such views).
     """
     if out is None:
         out = np.empty(x.shape, x.dtype)
@@ -119,6 +122,13 @@ def causal_mask_t(s: int, t: int, dtype: np.dtype) -> np.ndarray:
 # ---------------------------------------------------------------------------- KV cache
 
 
+class KVLayer(NamedTuple):
+    """One layer's slice of a KV cache, as attention_forward takes it."""
+
+    k: np.ndarray  # [B, nKV, T_max, D]
+    v: np.ndarray  # [B, nKV, T_max, D]
+
+
 class KVCache:
     """Per-layer rotated keys and values for incremental decoding.
 
@@ -137,16 +147,10 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # [B, nKV, T_max, D]
         self.k = [np.zeros(shape, dtype) for _ in range(n_layers)]
         self.v = [np.zeros(shape, dtype) for _ in range(n_layers)]
+        self.layers = [KVLayer(k, v) for k, v in zip(self.k, self.v)]  # per layer (k, v)
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0  # positions filled so far
-
-
-class KVLayer(NamedTuple):
-    """One layer's slice of a KV cache, as attention_forward takes it."""
-
-    k: np.ndarray  # [B, nKV, T_max, D]
-    v: np.ndarray  # [B, nKV, T_max, D]
 
 
 # ---------------------------------------------------------------------------- attention
@@ -308,11 +312,11 @@ class AttentionStep(NamedTuple):
     """The arrays ``attention_step`` writes for B rows, made once (``attention_step_buffers``)."""
 
     qkv: np.ndarray  # [B, Q + 2KV] the projection
-    q_in: np.ndarray  # [B, A, nKV, D] its query heads, grouped (a view of qkv)
-    k_in: np.ndarray  # [B, nKV, D] its key heads (a view)
+    q_in: np.ndarray  # [B, A, nKV, D/2] its query heads, grouped, as complex pairs (a view)
+    k_in: np.ndarray  # [B, nKV, D/2] its key heads, as complex pairs (a view)
     v_in: np.ndarray  # [B, nKV, D] its value heads (a view)
     qg: np.ndarray  # [B, nKV, A, D] rotated, 1/sqrt(D)-scaled queries, grouped by kv head
-    q_out: np.ndarray  # qg seen as [B, A, nKV, D] (a view: where RoPE writes)
+    q_out: np.ndarray  # qg seen as complex [B, A, nKV, D/2] (a view: where RoPE writes)
     og: np.ndarray  # [B, nKV, A, D] softmax(scores) v, grouped
     o: np.ndarray  # [B, Q] heads concatenated (a view of og when nKV = 1)
     o_grouped: np.ndarray  # o seen as [B, A, nKV, D] (a view)
@@ -331,11 +335,11 @@ def attention_step_buffers(
     o = og.reshape(batch, n_heads * d) if n_kv_heads == 1 else np.empty((batch, n_heads * d), dtype)
     return AttentionStep(
         qkv,
-        qkv3[:, :n_heads].reshape(batch, a, n_kv_heads, d),
-        qkv3[:, n_heads : n_heads + n_kv_heads],
+        _complex(qkv3[:, :n_heads].reshape(batch, a, n_kv_heads, d)),
+        _complex(qkv3[:, n_heads : n_heads + n_kv_heads]),
         qkv3[:, n_heads + n_kv_heads :],
         qg,
-        qg.transpose(0, 2, 1, 3),
+        _complex(qg.transpose(0, 2, 1, 3)),
         og,
         o,
         o.reshape(batch, a, n_kv_heads, d),

@@ -73,7 +73,10 @@ def rmsnorm_into(
     """
     h = x.shape[1]
     dt = x.dtype
-    np.vecdot(x, x, out=r, keepdims=True)  # sum(x^2)   [N, 1]
+    if x.shape[0] == 1:  # one row (decoding): a BLAS dot, a third of vecdot's cost
+        x.dot(x.T, r)  # sum(x^2)   [1, 1]
+    else:
+        np.vecdot(x, x, out=r, keepdims=True)  # sum(x^2)   [N, 1]
     r += dtype_scalar(h * eps, dt)  # H (mean(x^2) + eps)
     np.sqrt(r, out=r)
     np.divide(dtype_scalar(math.sqrt(h), dt), r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
