@@ -318,6 +318,7 @@ class AttentionStep(NamedTuple):
     qg: np.ndarray  # [B, nKV, A, D] rotated, 1/sqrt(D)-scaled queries, grouped by kv head
     q_out: np.ndarray  # qg seen as complex [B, A, nKV, D/2] (a view: where RoPE writes)
     og: np.ndarray  # [B, nKV, A, D] softmax(scores) v, grouped
+    single: bool  # B = nKV = 1: the products are 2-D (qg, og seen as [A, D])
     o: np.ndarray  # [B, Q] heads concatenated (a view of og when nKV = 1)
     o_grouped: np.ndarray  # o seen as [B, A, nKV, D] (a view)
     out: np.ndarray  # [B, H]
@@ -341,6 +342,7 @@ def attention_step_buffers(
         qg,
         _complex(qg.transpose(0, 2, 1, 3)),
         og,
+        batch * n_kv_heads == 1,
         o,
         o.reshape(batch, a, n_kv_heads, d),
         np.empty((batch, hidden), dtype),
@@ -369,10 +371,15 @@ def attention_step(
     rope_rotate(b.q_in, rope.q[start], out=b.q_out)  # RoPE on q (scaled by 1/sqrt(D))
     rope_rotate(b.k_in, rope.k[start], out=kv.k[:, :, start])  # RoPE on k, into the cache
     kv.v[:, :, start] = b.v_in
-    # scores = q k^T / sqrt(D) (the scale rides on q)   [B, nKV, A, T]
-    scores = np.matmul(b.qg, kv.k[:, :, :t].transpose(0, 1, 3, 2))
-    p = softmax(scores, -1, scores, may_be_masked=False)  # over the T keys
-    np.matmul(p, kv.v[:, :, :t], out=b.og)  # out = softmax(scores) v   [B, nKV, A, D]
+    if b.single:  # one row, one kv head: 2-D products (ndarray.dot: no ufunc dispatch)
+        scores = b.qg[0, 0].dot(kv.k[0, 0, :t].T)  # scores = q k^T / sqrt(D)   [A, T]
+        p = softmax(scores, -1, scores, may_be_masked=False)  # over the T keys
+        p.dot(kv.v[0, 0, :t], b.og[0, 0])  # out = softmax(scores) v   [A, D]
+    else:
+        # scores = q k^T / sqrt(D) (the scale rides on q)   [B, nKV, A, T]
+        scores = np.matmul(b.qg, kv.k[:, :, :t].transpose(0, 1, 3, 2))
+        p = softmax(scores, -1, scores, may_be_masked=False)  # over the T keys
+        np.matmul(p, kv.v[:, :, :t], out=b.og)  # out = softmax(scores) v   [B, nKV, A, D]
     if b.og.shape[1] > 1:  # nKV > 1: query head h = a*nKV + j back in order
         np.copyto(b.o_grouped, b.og.transpose(0, 2, 1, 3))
     return linear_forward(b.o, w_o, out=b.out)  # [B, H]

@@ -88,18 +88,34 @@ class BlockStep(NamedTuple):
     normed: np.ndarray  # [B, H] RMSNorm's output
     attn: AttentionStep
     moe: MoEStep | None  # None when B*K > FEW_ASSIGNMENTS: moe_forward on a workspace
+    r_row: np.ndarray | None  # B = 1: r seen as 0-d, normed as [H] (views; else None)
+    normed_row: np.ndarray | None
 
 
 def block_step_buffers(batch: int, cfg: Config, dtype: np.dtype) -> BlockStep:
     """Buffers of ``block_step`` for ``batch`` rows."""
     h, k = cfg.hidden_dim, cfg.top_k_experts
     few = batch * k <= FEW_ASSIGNMENTS
+    r, normed = np.empty((batch, 1), dtype), np.empty((batch, h), dtype)
+    one = batch == 1
     return BlockStep(
-        np.empty((batch, 1), dtype),
-        np.empty((batch, h), dtype),
+        r,
+        normed,
         attention_step_buffers(batch, h, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype),
         moe_step_buffers(batch, h, cfg.n_experts, k, cfg.ffn_dim, dtype) if few else None,
+        r.reshape(()) if one else None,
+        normed[0] if one else None,
     )
+
+
+def step_rmsnorm(x: np.ndarray, gain: np.ndarray, eps: float, b: BlockStep) -> np.ndarray:
+    """RMSNorm of the rows x [B, H] into ``b.normed`` (one row: as 1-D arrays, which skips
+    NumPy's broadcasting machinery). Returns b.normed [B, H]."""
+    if b.r_row is None or b.normed_row is None:
+        rmsnorm_into(x, gain, eps, b.r, b.normed)
+    else:
+        rmsnorm_into(x[0], gain, eps, b.r_row, b.normed_row)
+    return b.normed
 
 
 def block_step(
@@ -120,9 +136,9 @@ def block_step(
     ``block_forward`` with S = 1 on the same cache, to float rounding. ``ws``/``key``:
     the MoE's workspace when B*K is above FEW_ASSIGNMENTS.
     """
-    a = rmsnorm_into(x, w.attn_norm, cfg.rms_eps, b.r, b.normed)
+    a = step_rmsnorm(x, w.attn_norm, cfg.rms_eps, b)
     x += attention_step(a, w.qkv, w.o, rope, start, kv, b.attn)  # h = x + Attention(...)
-    m = rmsnorm_into(x, w.ffn_norm, cfg.rms_eps, b.r, b.normed)
+    m = step_rmsnorm(x, w.ffn_norm, cfg.rms_eps, b)
     if b.moe is None:
         x += moe_forward(m, w.moe, cfg.top_k_experts, ws, key + "moe.")[0]
     else:

@@ -67,22 +67,38 @@ def rmsnorm_into(
     x: np.ndarray, gain: np.ndarray, eps: float, r: np.ndarray, y: np.ndarray
 ) -> np.ndarray:
     """RMSNorm into given arrays: r [N, 1] = 1/sqrt(mean(x^2) + eps), y [N, H] = x r gamma.
+    One row may also come as x [H], r 0-d, y [H].
 
     Computed as r = sqrt(H) / sqrt(sum(x^2) + H eps) (the same value: four calls instead
     of five). Returns y.
     """
-    h = x.shape[1]
-    dt = x.dtype
-    if x.shape[0] == 1:  # one row (decoding): a BLAS dot, a third of vecdot's cost
+    h = x.shape[-1]
+    consts = _RMS_CONSTANTS.get((h, eps, x.dtype))
+    if consts is None:
+        consts = _rms_constants(h, eps, x.dtype)
+    if x.ndim == 1:  # one row as [H] with r 0-d (decoding): no broadcasting below
+        x.dot(x, r)  # sum(x^2)
+    elif x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
         x.dot(x.T, r)  # sum(x^2)   [1, 1]
     else:
         np.vecdot(x, x, out=r, keepdims=True)  # sum(x^2)   [N, 1]
-    r += dtype_scalar(h * eps, dt)  # H (mean(x^2) + eps)
-    np.sqrt(r, out=r)
-    np.divide(dtype_scalar(math.sqrt(h), dt), r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
-    np.multiply(x, r, out=y)
-    y *= gain
+    np.add(r, consts[0], r)  # H (mean(x^2) + eps)
+    np.sqrt(r, r)
+    np.divide(consts[1], r, r)  # r = sqrt(H) / sqrt(H (mean(x^2) + eps))
+    np.multiply(x, r, y)
+    np.multiply(y, gain, y)
     return y
+
+
+_RMS_CONSTANTS: dict[tuple[int, float, np.dtype], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _rms_constants(h: int, eps: float, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(H eps, sqrt(H)) as 0-d arrays of ``dt``, made once per (H, eps, dtype)."""
+    if len(_RMS_CONSTANTS) >= 64:
+        _RMS_CONSTANTS.clear()
+    c = _RMS_CONSTANTS[(h, eps, dt)] = (dtype_scalar(h * eps, dt), dtype_scalar(math.sqrt(h), dt))
+    return c
 
 
 def rmsnorm_backward(

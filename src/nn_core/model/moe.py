@@ -290,6 +290,7 @@ class MoEStep(NamedTuple):
 
     probs_t: np.ndarray  # [E, N] router probabilities, transposed
     weights_t: np.ndarray  # [K, N] kept p_k, then w_k
+    weights_flat: np.ndarray  # [K*N] the same (a view)
     gate: np.ndarray  # [C] w_k of each assignment sorted by expert
     xs: np.ndarray  # [C, H] the gathered rows, grouped by expert
     gu: np.ndarray  # [C, 2F]
@@ -305,9 +306,11 @@ def moe_step_buffers(
 ) -> MoEStep:
     """Buffers of ``moe_step`` for ``n`` tokens."""
     c = n * top_k
+    weights_t = np.empty((top_k, n), dtype)
     return MoEStep(
         np.empty((n_experts, n), dtype),
-        np.empty((top_k, n), dtype),
+        weights_t,
+        weights_t.reshape(-1),
         np.empty(c, dtype),
         np.empty((c, hidden), dtype),
         np.empty((c, 2 * ffn), dtype),
@@ -334,10 +337,10 @@ def moe_step(x: np.ndarray, w: MoEWeights, top_k: int, b: MoEStep) -> np.ndarray
     if few is None:  # NaN probabilities: the general path orders them
         return moe_forward(x, w, top_k)[0]
     kept, order, counts = few
-    probs_t.take(kept, out=b.weights_t.reshape(-1))  # kept p_k   [K, N]
+    probs_t.take(kept, out=b.weights_flat)  # kept p_k   [K, N]
     renormalize_top_k(b.weights_t)  # renormalized top-k: w_k = p_k / S
-    x.take([a % n for a in order], axis=0, out=b.xs)  # gather   [C, H]
-    b.weights_t.take(order, out=b.gate)  # [C] w_k, sorted
+    x.take([a % n for a in order] if n > 1 else [0] * len(order), axis=0, out=b.xs)  # gather
+    b.weights_flat.take(order, out=b.gate)  # [C] w_k, sorted
     ys = swiglu_rows(b.xs, w.gate_up, w.down, expert_bounds(counts), b.gu, b.sig, b.h, b.ys)
     if n == 1:  # one token: sum_k w_k y_k is the product w [1, K] y [K, H]
         return b.gate.reshape(1, -1).dot(ys, b.out)

@@ -38,6 +38,7 @@ from .block import (
     block_forward,
     block_step,
     block_step_buffers,
+    step_rmsnorm,
 )
 from .config import Config
 from .layers import (
@@ -48,7 +49,6 @@ from .layers import (
     linear_forward,
     rmsnorm_backward,
     rmsnorm_forward,
-    rmsnorm_into,
 )
 from .loss import CECache, cross_entropy_backward, cross_entropy_forward
 from .moe import MoEWeights, Routing, RoutingStats, aux_loss, routing_stats
@@ -414,7 +414,7 @@ class MoETransformer:
             for w, k, v in zip(self._w, cache.k, cache.v):
                 block_step(x, w, cfg, rope, start, KVLayer(k, v), b.block, b.ws)
             cache.length = start + 1
-            y = rmsnorm_into(x, self._final_norm, cfg.rms_eps, b.block.r, b.block.normed)
+            y = step_rmsnorm(x, self._final_norm, cfg.rms_eps, b.block)  # final RMSNorm
             return linear_forward(y, self._lm_head)  # LM head: Linear H -> V   [B, V]
 
     # ---- loss and backward -----------------------------------------------------
