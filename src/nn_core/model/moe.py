@@ -47,7 +47,9 @@ def router_probs(x: np.ndarray, w_router: np.ndarray, out: np.ndarray) -> np.nda
     rows, the softmax's reductions over E run across whole rows.
     """
     w_router.dot(x.T, out)  # router logits, transposed: Wr x^T   [E, N]
-    return softmax(out, axis=0, out=out, may_be_masked=False)  # probs^T   [E, N]
+    flat = out[:, 0] if out.shape[1] == 1 else out  # one token: a 1-D softmax
+    softmax(flat, 0, flat, may_be_masked=False)  # probs^T   [E, N]
+    return out
 
 
 def renormalize_top_k(kept_t: np.ndarray) -> np.ndarray:
