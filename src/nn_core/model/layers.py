@@ -234,12 +234,14 @@ def swiglu_rows(
     """SwiGLU experts into given arrays: out = Down(SiLU(Gate(x)) * Up(x)) for the rows
     lo:hi of each (expert, lo, hi) in ``bounds`` (any order of experts).
 
-    x [C, H]; stacked weights w_gate_up [E, H, 2F], w_down [E, F, H]; gu [C, 2F], sig
-    [C, F], h [C, F], out [C, H] C-contiguous (written; the cache's activations).
+    x [C, H], or [1, H] when every row is that one row (one token's experts); stacked
+    weights w_gate_up [E, H, 2F], w_down [E, F, H]; gu [C, 2F], sig [C, F], h [C, F], out
+    [C, H] C-contiguous (written; the cache's activations).
     """
     f = h.shape[1]
+    shared = x.shape[0] == 1
     for e, lo, hi in bounds:
-        x[lo:hi].dot(w_gate_up[e], gu[lo:hi])  # G | U = x [Wg; Wu]^T
+        (x if shared else x[lo:hi]).dot(w_gate_up[e], gu[lo:hi])  # G | U = x [Wg; Wu]^T
     g, u = gu[:, :f], gu[:, f:]
     sigmoid(g, out=sig)  # sigma(G)   [C, F]
     np.multiply(g, sig, out=h)  # SiLU: silu(G) = G sigma(G)

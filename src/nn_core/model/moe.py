@@ -294,6 +294,8 @@ class MoEStep(NamedTuple):
     weights_t: np.ndarray  # [K, N] kept p_k, then w_k
     weights_flat: np.ndarray  # [K*N] the same (a view)
     gate: np.ndarray  # [C] w_k of each assignment sorted by expert
+    gate_t: np.ndarray  # gate seen as [C, 1] (one token: its K kept p_k, renormalized)
+    gate_row: np.ndarray  # gate seen as [1, C]
     xs: np.ndarray  # [C, H] the gathered rows, grouped by expert
     gu: np.ndarray  # [C, 2F]
     sig: np.ndarray  # [C, F]
@@ -309,11 +311,14 @@ def moe_step_buffers(
     """Buffers of ``moe_step`` for ``n`` tokens."""
     c = n * top_k
     weights_t = np.empty((top_k, n), dtype)
+    gate = np.empty(c, dtype)
     return MoEStep(
         np.empty((n_experts, n), dtype),
         weights_t,
         weights_t.reshape(-1),
-        np.empty(c, dtype),
+        gate,
+        gate.reshape(c, 1),
+        gate.reshape(1, c),
         np.empty((c, hidden), dtype),
         np.empty((c, 2 * ffn), dtype),
         np.empty((c, ffn), dtype),
@@ -339,13 +344,17 @@ def moe_step(x: np.ndarray, w: MoEWeights, top_k: int, b: MoEStep) -> np.ndarray
     if few is None:  # NaN probabilities: the general path orders them
         return moe_forward(x, w, top_k)[0]
     kept, order, counts = few
+    bounds = expert_bounds(counts)
+    if n == 1:  # one token: its K experts read the row itself; kept p_k taken in expert order
+        probs_t.take([kept[a] for a in order], out=b.gate)  # [C] kept p_k, sorted
+        renormalize_top_k(b.gate_t)  # renormalized top-k: w_k = p_k / S
+        ys = swiglu_rows(x, w.gate_up, w.down, bounds, b.gu, b.sig, b.h, b.ys)
+        return b.gate_row.dot(ys, b.out)  # sum_k w_k y_k = w [1, K] y [K, H]
     probs_t.take(kept, out=b.weights_flat)  # kept p_k   [K, N]
     renormalize_top_k(b.weights_t)  # renormalized top-k: w_k = p_k / S
-    x.take([a % n for a in order] if n > 1 else [0] * len(order), axis=0, out=b.xs)  # gather
+    x.take([a % n for a in order], axis=0, out=b.xs)  # gather   [C, H]
     b.weights_flat.take(order, out=b.gate)  # [C] w_k, sorted
-    ys = swiglu_rows(b.xs, w.gate_up, w.down, expert_bounds(counts), b.gu, b.sig, b.h, b.ys)
-    if n == 1:  # one token: sum_k w_k y_k is the product w [1, K] y [K, H]
-        return b.gate.reshape(1, -1).dot(ys, b.out)
+    ys = swiglu_rows(b.xs, w.gate_up, w.down, bounds, b.gu, b.sig, b.h, b.ys)
     ys *= b.gate[:, None]  # w_k y_k
     b.slots[order] = ys  # back to (slot, token) order   [K*N, H]
     np.add.reduce(b.slots.reshape(top_k, n, -1), axis=0, out=b.out)  # sum_k w_k y_k
