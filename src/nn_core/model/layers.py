@@ -81,7 +81,7 @@ def rmsnorm_into(
     elif x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
         x.dot(x.T, r)  # sum(x^2)   [1, 1]
     else:
-        np.vecdot(x, x, out=r, keepdims=True)  # sum(x^2)   [N, 1]
+        np.vecdot(x, x, out=r, keepdims=True)  # type: ignore[call-overload]  # sum(x^2) [N, 1]
     np.add(r, consts[0], r)  # H (mean(x^2) + eps)
     np.sqrt(r, r)
     np.divide(consts[1], r, r)  # r = sqrt(H) / sqrt(H (mean(x^2) + eps))

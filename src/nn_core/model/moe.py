@@ -56,7 +56,7 @@ def renormalize_top_k(kept_t: np.ndarray) -> np.ndarray:
     """Renormalized top-k, in place: w_k = p_k / S, S = sum of the kept p_k.
 
     kept_t [K, N] kept probabilities -> S [1, N] (kept_t now holds w_k)."""
-    kept_sum = np.add.reduce(kept_t, 0, None, None, True)  # S   [1, N]
+    kept_sum = np.add.reduce(kept_t, 0, None, None, keepdims=True)  # S   [1, N]
     kept_t /= kept_sum
     return kept_sum
 

@@ -61,11 +61,11 @@ def exp_shifted(
     Callers that know every row has a finite entry (attention: a query always sees its
     own key) pass ``may_be_masked=False`` and save the check.
     """
-    # ufunc.reduce directly (positional: out=None, keepdims): np.max / np.sum add a Python
+    # ufunc.reduce directly (positional axis, dtype, out): np.max / np.sum add a Python
     # wrapper layer per call. A 1-D x reduces to NumPy scalars (no keepdims): the
     # subtraction and the division then take NumPy's scalar fast path, not broadcasting.
     keep = x.ndim > 1
-    m = np.maximum.reduce(x, axis, None, None, keep)
+    m = np.maximum.reduce(x, axis, None, None, keepdims=keep)  # type: ignore[call-overload]
     masked = None
     if may_be_masked:  # rare: rows of -inf (NaN/+inf stay visible)
         if not keep:
@@ -76,7 +76,7 @@ def exp_shifted(
             m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
     e = np.subtract(x, m, out=out)
     np.exp(e, e)
-    s = np.add.reduce(e, axis, None, None, keep)
+    s = np.add.reduce(e, axis, None, None, keepdims=keep)  # type: ignore[call-overload]
     if masked is not None:
         if keep:
             s[masked] = 1

@@ -335,7 +335,7 @@ class MoETransformer:
         """final RMSNorm, then LM head: [N, H] -> logits [N, V] (into ``out`` or a new array)."""
         p = self.store.params
         y, _ = rmsnorm_forward(x, p["final_norm.weight"], self.config.rms_eps, ws, "final.")
-        return np.matmul(y, self._lm_head, out=out)  # LM head: Linear H -> V
+        return linear_forward(y, self._lm_head, out=out)  # LM head: Linear H -> V
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding of up to ``max_len`` positions."""
