@@ -145,13 +145,24 @@ def linear_forward(
 
     ``w_t`` is W^T [in, out] (how the model stores it: a contiguous right operand).
     x [N, in] -> [N, out], into ``out`` (C-contiguous) if given, else the workspace's
-    buffer. ``ndarray.dot``: the same BLAS product as ``@`` without the ufunc dispatch.
+    buffer (a fresh array without a workspace); see ``matmul_into``.
     """
     if out is None:
-        if ws is None:
-            return x.dot(w_t)
         out = buffer(ws, key + "y", (x.shape[0], w_t.shape[1]), x.dtype)
-    return x.dot(w_t, out)
+    return matmul_into(x, w_t, out)
+
+
+# ndarray.dot skips the ufunc dispatch of np.matmul (about half a microsecond a call) but
+# zero-fills its output before the BLAS call: it pays for outputs up to about this size.
+DOT_MAX_OUT = 16384
+
+
+def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The 2-D product a @ b into ``out`` (C-contiguous), by ``ndarray.dot`` for small
+    outputs and ``np.matmul`` for large ones (the same BLAS product)."""
+    if out.size <= DOT_MAX_OUT:
+        return a.dot(b, out)
+    return np.matmul(a, b, out=out)
 
 
 def linear_backward(
@@ -241,13 +252,13 @@ def swiglu_rows(
     f = h.shape[1]
     shared = x.shape[0] == 1
     for e, lo, hi in bounds:
-        (x if shared else x[lo:hi]).dot(w_gate_up[e], gu[lo:hi])  # G | U = x [Wg; Wu]^T
+        matmul_into(x if shared else x[lo:hi], w_gate_up[e], gu[lo:hi])  # G|U = x [Wg; Wu]^T
     g, u = gu[:, :f], gu[:, f:]
     sigmoid(g, out=sig)  # sigma(G)   [C, F]
     np.multiply(g, sig, out=h)  # SiLU: silu(G) = G sigma(G)
     h *= u  # h = s(G) . U
     for e, lo, hi in bounds:
-        h[lo:hi].dot(w_down[e], out[lo:hi])  # Down(h) = h Wd^T
+        matmul_into(h[lo:hi], w_down[e], out[lo:hi])  # Down(h) = h Wd^T
     return out
 
 

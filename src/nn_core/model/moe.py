@@ -18,7 +18,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import SwiGLUCache, expert_bounds, swiglu_backward, swiglu_forward, swiglu_rows
+from .layers import (
+    SwiGLUCache,
+    expert_bounds,
+    matmul_into,
+    swiglu_backward,
+    swiglu_forward,
+    swiglu_rows,
+)
 from .tensor import softmax, softmax_backward
 from .workspace import Workspace, buffer
 
@@ -46,7 +53,7 @@ def router_probs(x: np.ndarray, w_router: np.ndarray, out: np.ndarray) -> np.nda
     x [N, H]; w_router [E, H]; out [E, N] (C-contiguous; returned). With experts along
     rows, the softmax's reductions over E run across whole rows.
     """
-    w_router.dot(x.T, out)  # router logits, transposed: Wr x^T   [E, N]
+    matmul_into(w_router, x.T, out)  # router logits, transposed: Wr x^T   [E, N]
     flat = out[:, 0] if out.shape[1] == 1 else out  # one token: a 1-D softmax
     softmax(flat, 0, flat, may_be_masked=False)  # probs^T   [E, N]
     return out

@@ -335,6 +335,8 @@ class MoETransformer:
         """final RMSNorm, then LM head: [N, H] -> logits [N, V] (into ``out`` or a new array)."""
         p = self.store.params
         y, _ = rmsnorm_forward(x, p["final_norm.weight"], self.config.rms_eps, ws, "final.")
+        if out is None:
+            out = np.empty((y.shape[0], self._lm_head.shape[1]), y.dtype)
         return linear_forward(y, self._lm_head, out=out)  # LM head: Linear H -> V
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -415,7 +417,8 @@ class MoETransformer:
                 block_step(x, w, cfg, rope, start, KVLayer(k, v), b.block, b.ws)
             cache.length = start + 1
             y = step_rmsnorm(x, self._final_norm, cfg.rms_eps, b.block)  # final RMSNorm
-            return linear_forward(y, self._lm_head)  # LM head: Linear H -> V   [B, V]
+            logits = np.empty((batch, self._lm_head.shape[1]), y.dtype)  # [B, V], returned
+            return linear_forward(y, self._lm_head, out=logits)  # LM head: Linear H -> V
 
     # ---- loss and backward -----------------------------------------------------
     def forward_loss(
