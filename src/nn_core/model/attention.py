@@ -18,9 +18,13 @@ Choices that keep the work in few, large, contiguous NumPy calls:
     reduces over axis 2, which NumPy vectorizes across the S*A columns, instead of
     over short rows.
 
-The same ``attention_forward`` serves training (no cache), prefill and one-token
-decoding (with a ``KVCache``: the new keys and values are appended, the queries attend
-over every cached position).
+The same ``attention_forward`` serves training (no cache) and prefill (with a
+``KVCache``: the new keys and values are appended, the queries attend over every cached
+position). ``attention_step`` is the arrangement for one new position per row (S = 1,
+decoding): the same helpers (``linear_forward``, ``rope_rotate``, ``softmax``) on buffers
+made once per batch size (``AttentionStep``), with the scores kept in row layout
+[B, nKV, A, T]: with A columns only, a softmax over the T keys along rows is several
+times cheaper than down columns, and a single query needs no causal mask.
 """
 
 from __future__ import annotations
@@ -72,7 +76,9 @@ _COMPLEX_OF = {np.dtype(dt): np.result_type(dt, np.complex64) for dt in (np.floa
 
 def _complex(x: np.ndarray) -> np.ndarray:
     """A real [..., D] array (last axis contiguous) seen as complex [..., D/2]: entry k is
-    the pair x[2k] + i x[2k+1] (a view)."""
+    the pair x[2k] + i x[2k+1] (a view; a complex array is returned as it is)."""
+    if x.dtype.kind == "c":
+        return x
     cdt = _COMPLEX_OF.get(x.dtype)
     return x.view(np.result_type(x.dtype, np.complex64) if cdt is None else cdt)
 
@@ -83,7 +89,8 @@ def rope_rotate(x: np.ndarray, rot: np.ndarray, out: np.ndarray | None = None) -
     That is the pair as the complex number x0 + i x1 times e^(i t f_k): one complex
     multiply. x [..., D] real; ``rot`` complex [..., D/2] broadcast against it (rows of
     a Rope table); ``out`` (real, x's shape) may be a strided view whose last axis is
-    contiguous: the grouped query layout, the KV cache.
+    contiguous: the grouped query layout, the KV cache. ``x`` and ``out`` may also be
+    given already seen as complex [..., D/2] (``attention_step`` keeps such views).
     """
     if out is None:
         out = np.empty(x.shape, x.dtype)
@@ -115,6 +122,13 @@ def causal_mask_t(s: int, t: int, dtype: np.dtype) -> np.ndarray:
 # ---------------------------------------------------------------------------- KV cache
 
 
+class KVLayer(NamedTuple):
+    """One layer's slice of a KV cache, as attention_forward takes it."""
+
+    k: np.ndarray  # [B, nKV, T_max, D]
+    v: np.ndarray  # [B, nKV, T_max, D]
+
+
 class KVCache:
     """Per-layer rotated keys and values for incremental decoding.
 
@@ -133,16 +147,10 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # [B, nKV, T_max, D]
         self.k = [np.zeros(shape, dtype) for _ in range(n_layers)]
         self.v = [np.zeros(shape, dtype) for _ in range(n_layers)]
+        self.layers = [KVLayer(k, v) for k, v in zip(self.k, self.v)]  # per layer (k, v)
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0  # positions filled so far
-
-
-class KVLayer(NamedTuple):
-    """One layer's slice of a KV cache, as attention_forward takes it."""
-
-    k: np.ndarray  # [B, nKV, T_max, D]
-    v: np.ndarray  # [B, nKV, T_max, D]
 
 
 # ---------------------------------------------------------------------------- attention
@@ -298,3 +306,83 @@ def attention_backward(
     np.copyto(dqkv[:, :, n_heads + n_kv :], dvg.transpose(0, 2, 1, 3))
     dqkv2 = dqkv.reshape(n, -1)  # [N, Q + 2KV]
     return linear_backward(dqkv2, x, w_qkv, dw_qkv, ws, key + "qkv.", overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------- one position
+
+
+class AttentionStep(NamedTuple):
+    """The arrays ``attention_step`` writes for B rows, made once (``attention_step_buffers``)."""
+
+    qkv: np.ndarray  # [B, Q + 2KV] the projection
+    q_in: np.ndarray  # [B, A, nKV, D/2] its query heads, grouped, as complex pairs (a view)
+    k_in: np.ndarray  # [B, nKV, D/2] its key heads, as complex pairs (a view)
+    v_in: np.ndarray  # [B, nKV, D] its value heads (a view)
+    qg: np.ndarray  # [B, nKV, A, D] rotated, 1/sqrt(D)-scaled queries, grouped by kv head
+    q_out: np.ndarray  # qg seen as complex [B, A, nKV, D/2] (a view: where RoPE writes)
+    og: np.ndarray  # [B, nKV, A, D] softmax(scores) v, grouped
+    single: bool  # B = nKV = 1: the products are 2-D (qg, og seen as [A, D])
+    o: np.ndarray  # [B, Q] heads concatenated (a view of og when nKV = 1)
+    o_grouped: np.ndarray  # o seen as [B, A, nKV, D] (a view)
+    out: np.ndarray  # [B, H]
+
+
+def attention_step_buffers(
+    batch: int, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype: np.dtype
+) -> AttentionStep:
+    """Buffers of ``attention_step`` for ``batch`` rows."""
+    a, d = n_heads // n_kv_heads, head_dim
+    qkv = np.empty((batch, (n_heads + 2 * n_kv_heads) * d), dtype)
+    qkv3 = qkv.reshape(batch, n_heads + 2 * n_kv_heads, d)  # [B, R, D]
+    qg = np.empty((batch, n_kv_heads, a, d), dtype)
+    og = np.empty((batch, n_kv_heads, a, d), dtype)
+    o = og.reshape(batch, n_heads * d) if n_kv_heads == 1 else np.empty((batch, n_heads * d), dtype)
+    return AttentionStep(
+        qkv,
+        _complex(qkv3[:, :n_heads].reshape(batch, a, n_kv_heads, d)),
+        _complex(qkv3[:, n_heads : n_heads + n_kv_heads]),
+        qkv3[:, n_heads + n_kv_heads :],
+        qg,
+        _complex(qg.transpose(0, 2, 1, 3)),
+        og,
+        batch * n_kv_heads == 1,
+        o,
+        o.reshape(batch, a, n_kv_heads, d),
+        np.empty((batch, hidden), dtype),
+    )
+
+
+def attention_step(
+    x: np.ndarray,
+    w_qkv: np.ndarray,
+    w_o: np.ndarray,
+    rope: Rope,
+    start: int,
+    kv: KVLayer,
+    b: AttentionStep,
+) -> np.ndarray:
+    """Attention of one new position per row (S = 1) at position ``start`` over the
+    T = start + 1 cached ones: scores = q k^T / sqrt(D); out = softmax(scores) v; heads
+    concatenated then Wo. No causal mask: the new position sees every cached key.
+
+    x [B, H] normalized input; w_qkv [H, Q + 2KV]; w_o [Q, H]; the new key and value go
+    into ``kv`` at ``start``. -> out [B, H] (``b.out``). Equal to ``attention_forward``
+    with S = 1 and the same cache, to float rounding.
+    """
+    t = start + 1
+    linear_forward(x, w_qkv, out=b.qkv)  # [B, Q + 2KV]
+    rope_rotate(b.q_in, rope.q[start], out=b.q_out)  # RoPE on q (scaled by 1/sqrt(D))
+    rope_rotate(b.k_in, rope.k[start], out=kv.k[:, :, start])  # RoPE on k, into the cache
+    kv.v[:, :, start] = b.v_in
+    if b.single:  # one row, one kv head: 2-D products (ndarray.dot: no ufunc dispatch)
+        scores = b.qg[0, 0].dot(kv.k[0, 0, :t].T)  # scores = q k^T / sqrt(D)   [A, T]
+        p = softmax(scores, -1, scores, may_be_masked=False)  # over the T keys
+        p.dot(kv.v[0, 0, :t], b.og[0, 0])  # out = softmax(scores) v   [A, D]
+    else:
+        # scores = q k^T / sqrt(D) (the scale rides on q)   [B, nKV, A, T]
+        scores = np.matmul(b.qg, kv.k[:, :, :t].transpose(0, 1, 3, 2))
+        p = softmax(scores, -1, scores, may_be_masked=False)  # over the T keys
+        np.matmul(p, kv.v[:, :, :t], out=b.og)  # out = softmax(scores) v   [B, nKV, A, D]
+    if b.og.shape[1] > 1:  # nKV > 1: query head h = a*nKV + j back in order
+        np.copyto(b.o_grouped, b.og.transpose(0, 2, 1, 3))
+    return linear_forward(b.o, w_o, out=b.out)  # [B, H]

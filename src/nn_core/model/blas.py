@@ -20,8 +20,7 @@ Rules:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -76,30 +75,42 @@ def _pool() -> _BlasPool:
     return _BlasPool()
 
 
-@contextmanager
-def blas_threads(n: int | None) -> Iterator[None]:
-    """Run the body with at most ``n`` BLAS threads (None: leave the pool as it is)."""
-    pool = _pool()
-    if n is None or pool.get is None or pool.set is None:
-        yield
-        return
-    with pool.lock:
-        if pool.users == 0:
-            current = pool.get()
-            if current <= n:  # already at most n (the caller's limit wins)
-                lowered = False
-            else:
+class blas_threads:  # noqa: N801 (used as a function: ``with blas_threads(n):``)
+    """Run the body with at most ``n`` BLAS threads (None: leave the pool as it is).
+
+    A class rather than a generator context manager: entered once per model call
+    (once per decoded token), where ``contextlib``'s machinery costs a few microseconds.
+    """
+
+    __slots__ = ("n", "lowered")
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+        self.lowered = False
+
+    def __enter__(self) -> None:
+        n = self.n
+        if n is None:
+            return
+        pool = _pool()
+        if pool.get is None or pool.set is None:
+            return
+        with pool.lock:
+            if pool.users == 0:
+                current = pool.get()
+                if current <= n:  # already at most n (the caller's limit wins)
+                    return
                 pool.restore_to = current
                 pool.set(n)
-                lowered = True
-        else:
-            lowered = True  # share the limit set by a concurrent call
-        if lowered:
+            # else: share the limit set by a concurrent call
             pool.users += 1
-    try:
-        yield
-    finally:
-        if lowered:
+            self.lowered = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lowered:
+            self.lowered = False
+            pool = _pool()
+            assert pool.set is not None
             with pool.lock:
                 pool.users -= 1
                 if pool.users == 0:

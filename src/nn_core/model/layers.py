@@ -15,6 +15,7 @@ output is a fresh array.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -26,10 +27,16 @@ from .workspace import Workspace, buffer
 
 
 def embedding_forward(
-    ids: np.ndarray, weight: np.ndarray, ws: Workspace | None = None, key: str = ""
+    ids: np.ndarray,
+    weight: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Embedding: out = W[token_id, :].   ids [N] int, W [V, H] -> [N, H]."""
-    out = buffer(ws, key + "out", (ids.size, weight.shape[1]), weight.dtype)
+    """Embedding: out = W[token_id, :].   ids [N] int, W [V, H] -> [N, H] (into ``out``
+    if given, else the workspace's buffer)."""
+    if out is None:
+        out = buffer(ws, key + "out", (ids.size, weight.shape[1]), weight.dtype)
     return weight.take(ids, axis=0, out=out)  # the method: np.take adds a Python layer
 
 
@@ -69,18 +76,47 @@ def rmsnorm_forward(
     key: str = "",
 ) -> tuple[np.ndarray, RMSNormCache]:
     """RMSNorm: y = x * 1/sqrt(mean(x^2) + eps) * gamma.   x [N, H], gamma [H] -> [N, H]."""
-    n, h = x.shape
-    r = buffer(ws, key + "r", (n, 1), x.dtype)  # [N, 1]
-    np.vecdot(x, x, out=r[:, 0])  # sum(x^2)
-    dt = x.dtype
-    r *= dtype_scalar(1.0 / h, dt)  # mean(x^2)
-    r += dtype_scalar(eps, dt)
-    np.sqrt(r, out=r)
-    np.reciprocal(r, out=r)  # r = 1 / sqrt(mean(x^2) + eps)
+    r = buffer(ws, key + "r", (x.shape[0], 1), x.dtype)  # [N, 1]
     y = buffer(ws, key + "y", x.shape, x.dtype)
-    np.multiply(x, r, out=y)
-    y *= gain
-    return y, RMSNormCache(x, r)
+    return rmsnorm_into(x, gain, eps, r, y), RMSNormCache(x, r)
+
+
+def rmsnorm_into(
+    x: np.ndarray, gain: np.ndarray, eps: float, r: np.ndarray, y: np.ndarray
+) -> np.ndarray:
+    """RMSNorm into given arrays: r [N, 1] = 1/sqrt(mean(x^2) + eps), y [N, H] = x r gamma.
+    One row may also come as x [H], r 0-d, y [H].
+
+    Computed as r = sqrt(H) / sqrt(sum(x^2) + H eps) (the same value: four calls instead
+    of five). Returns y.
+    """
+    h = x.shape[-1]
+    consts = _RMS_CONSTANTS.get((h, eps, x.dtype))
+    if consts is None:
+        consts = _rms_constants(h, eps, x.dtype)
+    if x.ndim == 1:  # one row as [H] with r 0-d (decoding): no broadcasting below
+        x.dot(x, r)  # sum(x^2)
+    elif x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
+        x.dot(x.T, r)  # sum(x^2)   [1, 1]
+    else:
+        np.vecdot(x, x, out=r, keepdims=True)  # type: ignore[call-overload]  # sum(x^2) [N, 1]
+    np.add(r, consts[0], r)  # H (mean(x^2) + eps)
+    np.sqrt(r, r)
+    np.divide(consts[1], r, r)  # r = sqrt(H) / sqrt(H (mean(x^2) + eps))
+    np.multiply(x, r, y)
+    np.multiply(y, gain, y)
+    return y
+
+
+_RMS_CONSTANTS: dict[tuple[int, float, np.dtype], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _rms_constants(h: int, eps: float, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(H eps, sqrt(H)) as 0-d arrays of ``dt``, made once per (H, eps, dtype)."""
+    if len(_RMS_CONSTANTS) >= 64:
+        _RMS_CONSTANTS.clear()
+    c = _RMS_CONSTANTS[(h, eps, dt)] = (dtype_scalar(h * eps, dt), dtype_scalar(math.sqrt(h), dt))
+    return c
 
 
 def rmsnorm_backward(
@@ -147,15 +183,34 @@ def weight_grad(
 
 
 def linear_forward(
-    x: np.ndarray, w_t: np.ndarray, ws: Workspace | None = None, key: str = ""
+    x: np.ndarray,
+    w_t: np.ndarray,
+    ws: Workspace | None = None,
+    key: str = "",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Linear: Y = X @ W^T, no bias, for W [out_features, in_features].
 
     ``w_t`` is W^T [in, out] (how the model stores it: a contiguous right operand).
-    x [N, in] -> [N, out].
+    x [N, in] -> [N, out], into ``out`` (C-contiguous) if given, else the workspace's
+    buffer (a fresh array without a workspace); see ``matmul_into``.
     """
-    out = buffer(ws, key + "y", (x.shape[0], w_t.shape[1]), x.dtype)
-    return np.matmul(x, w_t, out=out)
+    if out is None:
+        out = buffer(ws, key + "y", (x.shape[0], w_t.shape[1]), x.dtype)
+    return matmul_into(x, w_t, out)
+
+
+# ndarray.dot skips the ufunc dispatch of np.matmul (about half a microsecond a call) but
+# zero-fills its output before the BLAS call: it pays for outputs up to about this size.
+DOT_MAX_OUT = 16384
+
+
+def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The 2-D product a @ b into ``out`` (C-contiguous), by ``ndarray.dot`` for small
+    outputs and ``np.matmul`` for large ones (the same BLAS product)."""
+    if out.size <= DOT_MAX_OUT:
+        return a.dot(b, out)
+    return np.matmul(a, b, out=out)
 
 
 def linear_backward(
@@ -218,18 +273,43 @@ def swiglu_forward(
         w_gate_up, w_down, counts = w_gate_up[None], w_down[None], [x.shape[0]]
     bounds = expert_bounds(counts)
     rows, f = x.shape[0], w_down.shape[1]
-    gu = buffer(ws, key + "gu", (rows, 2 * f), x.dtype)  # [C, 2F]
+    dt = x.dtype
+    gu = buffer(ws, key + "gu", (rows, 2 * f), dt)  # [C, 2F]
+    sig = buffer(ws, key + "sig", (rows, f), dt)  # [C, F]
+    h = buffer(ws, key + "h", (rows, f), dt)  # [C, F]
+    out = buffer(ws, key + "out", x.shape, dt)  # [C, H]
+    swiglu_rows(x, w_gate_up, w_down, bounds, gu, sig, h, out)
+    return out, SwiGLUCache(x, bounds, gu, sig, h)
+
+
+def swiglu_rows(
+    x: np.ndarray,
+    w_gate_up: np.ndarray,
+    w_down: np.ndarray,
+    bounds: list[tuple[int, int, int]],
+    gu: np.ndarray,
+    sig: np.ndarray,
+    h: np.ndarray,
+    out: np.ndarray,
+) -> np.ndarray:
+    """SwiGLU experts into given arrays: out = Down(SiLU(Gate(x)) * Up(x)) for the rows
+    lo:hi of each (expert, lo, hi) in ``bounds`` (any order of experts).
+
+    x [C, H], or [1, H] when every row is that one row (one token's experts); stacked
+    weights w_gate_up [E, H, 2F], w_down [E, F, H]; gu [C, 2F], sig [C, F], h [C, F], out
+    [C, H] C-contiguous (written; the cache's activations).
+    """
+    f = h.shape[1]
+    shared = x.shape[0] == 1
     for e, lo, hi in bounds:
-        np.matmul(x[lo:hi], w_gate_up[e], out=gu[lo:hi])  # G | U = x [Wg; Wu]^T
+        matmul_into(x if shared else x[lo:hi], w_gate_up[e], gu[lo:hi])  # G|U = x [Wg; Wu]^T
     g, u = gu[:, :f], gu[:, f:]
-    sig = sigmoid(g, out=buffer(ws, key + "sig", (rows, f), x.dtype))  # [C, F]
-    h = buffer(ws, key + "h", (rows, f), x.dtype)
+    sigmoid(g, out=sig)  # sigma(G)   [C, F]
     np.multiply(g, sig, out=h)  # SiLU: silu(G) = G sigma(G)
     h *= u  # h = s(G) . U
-    out = buffer(ws, key + "out", x.shape, x.dtype)  # [C, H]
     for e, lo, hi in bounds:
-        np.matmul(h[lo:hi], w_down[e], out=out[lo:hi])  # Down(h) = h Wd^T
-    return out, SwiGLUCache(x, bounds, gu, sig, h)
+        matmul_into(h[lo:hi], w_down[e], out[lo:hi])  # Down(h) = h Wd^T
+    return out
 
 
 # OpenBLAS computes a product's rows in blocks of 4: on the expert products (a few rows

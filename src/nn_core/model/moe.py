@@ -13,11 +13,20 @@ Assignments are numbered slot-major: assignment a = k*N + t is token t's k-th ch
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 
-from .layers import SwiGLUCache, swiglu_backward, swiglu_forward, weight_grad
+from .layers import (
+    SwiGLUCache,
+    expert_bounds,
+    matmul_into,
+    swiglu_backward,
+    swiglu_forward,
+    swiglu_rows,
+    weight_grad,
+)
 from .tensor import softmax, softmax_backward
 from .workspace import Workspace, buffer
 
@@ -33,6 +42,61 @@ class Routing(NamedTuple):
     counts: np.ndarray  # [E] assignments per expert
 
 
+# N*K up to this: router_forward picks the top-k and groups by expert in plain Python
+# (a few microseconds on lists of a handful of floats) instead of two argsorts, an index
+# grid and a bincount. Decoding one token per row stays under it up to batch 8 at K = 2.
+FEW_ASSIGNMENTS = 16
+
+
+def router_probs(x: np.ndarray, w_router: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Router probabilities, experts along rows: probs^T = softmax over E of Wr x^T.
+
+    x [N, H]; w_router [E, H]; out [E, N] (C-contiguous; returned). With experts along
+    rows, the softmax's reductions over E run across whole rows.
+    """
+    matmul_into(w_router, x.T, out)  # router logits, transposed: Wr x^T   [E, N]
+    flat = out[:, 0] if out.shape[1] == 1 else out  # one token: a 1-D softmax
+    softmax(flat, 0, flat, may_be_masked=False)  # probs^T   [E, N]
+    return out
+
+
+def renormalize_top_k(kept_t: np.ndarray) -> np.ndarray:
+    """Renormalized top-k, in place: w_k = p_k / S, S = sum of the kept p_k.
+
+    kept_t [K, N] kept probabilities -> S [1, N] (kept_t now holds w_k)."""
+    kept_sum = np.add.reduce(kept_t, 0, None, None, keepdims=True)  # S   [1, N]
+    kept_t /= kept_sum
+    return kept_sum
+
+
+def top_k_few(probs_t: np.ndarray, top_k: int) -> tuple[list[int], list[int], list[int]] | None:
+    """Top-k and grouping by expert for few tokens, in plain Python.
+
+    probs_t [E, N] -> (kept [K*N]: flat index e*N + t into probs_t of assignment
+    a = k*N + t (token t's k-th choice, most probable first, ties to the lower expert
+    index); order [C]: the assignments sorted by expert (stable); counts [E]), exactly
+    what the argsorts of ``router_forward`` give. None if a probability is NaN (a
+    Python sort does not order NaN).
+    """
+    n_experts, n = probs_t.shape
+    cols = probs_t.T.tolist()  # N lists of E probabilities
+    kept = [0] * (top_k * n)
+    experts = [0] * (top_k * n)  # expert of assignment a
+    by_prob = range(n_experts)
+    for t, p in enumerate(cols):
+        if math.isnan(sum(p)):
+            return None
+        # sorted is stable, also with reverse=True: equal probabilities keep index order
+        for k, e in enumerate(sorted(by_prob, key=p.__getitem__, reverse=True)[:top_k]):
+            kept[k * n + t] = e * n + t
+            experts[k * n + t] = e
+    order = sorted(range(top_k * n), key=experts.__getitem__)  # stable: a ascending per expert
+    counts = [0] * n_experts
+    for e in experts:
+        counts[e] += 1
+    return kept, order, counts
+
+
 def router_forward(
     x: np.ndarray, w_router: np.ndarray, top_k: int, ws: Workspace | None = None, key: str = ""
 ) -> Routing:
@@ -41,23 +105,27 @@ def router_forward(
 
     x [N, H]; w_router [E, H]. Ties go to the lower expert index (stable sort).
     Computed with experts along rows ([E, N]): the reductions over E then run across
-    whole rows instead of along rows of length E.
+    whole rows instead of along rows of length E. With N*K <= FEW_ASSIGNMENTS the top-k
+    and the grouping are done in Python (``top_k_few``), with the same result.
     """
     n = x.shape[0]
     n_experts = w_router.shape[0]
-    probs_t = buffer(ws, key + "probs_t", (n_experts, n), x.dtype)
-    np.matmul(w_router, x.T, out=probs_t)  # router logits, transposed: Wr x^T   [E, N]
-    softmax(probs_t, axis=0, out=probs_t, may_be_masked=False)  # probs^T   [E, N]
-    top_t = np.argsort(-probs_t, axis=0, kind="stable")[:top_k]  # [K, N]
-    if n == 1:  # probs_t [E, 1]: expert e's entry is flat index e (no index grid)
-        weights_t = probs_t.take(top_t)  # kept p_k   [K, 1]
+    probs_t = router_probs(x, w_router, buffer(ws, key + "probs_t", (n_experts, n), x.dtype))
+    few = top_k_few(probs_t, top_k) if n * top_k <= FEW_ASSIGNMENTS else None
+    if few is not None:
+        kept, order_list, counts_list = few
+        idx = np.array(kept, dtype=np.intp)  # [C] flat indices e*N + t
+        top_t = np.floor_divide(idx, n).reshape(top_k, n)  # [K, N] experts
+        weights_t = probs_t.take(idx).reshape(top_k, n)  # kept p_k   [K, N]
+        order = np.array(order_list, dtype=np.intp)  # [C] grouped by expert
+        counts = np.array(counts_list, dtype=np.int64)  # [E]
     else:
+        top_t = np.argsort(-probs_t, axis=0, kind="stable")[:top_k]  # [K, N]
         weights_t = probs_t[top_t, np.arange(n)]  # kept p_k   [K, N]
-    kept_sum = np.add.reduce(weights_t, axis=0, keepdims=True)  # S   [1, N]
-    weights_t /= kept_sum  # renormalized top-k: w_k = p_k / S
-    flat = top_t.reshape(-1)  # [C] expert of assignment a = k*N + t
-    order = np.argsort(flat, kind="stable")  # [C] grouped by expert
-    counts = np.bincount(flat, minlength=n_experts)  # [E]
+        flat = top_t.reshape(-1)  # [C] expert of assignment a = k*N + t
+        order = np.argsort(flat, kind="stable")  # [C] grouped by expert
+        counts = np.bincount(flat, minlength=n_experts)  # [E]
+    kept_sum = renormalize_top_k(weights_t)  # renormalized top-k: w_k = p_k / S
     return Routing(probs_t.T, top_t.T, kept_sum.T, weights_t.T, order, counts)
 
 
@@ -235,3 +303,80 @@ def moe_backward(
         overwrite=overwrite,
     )
     return dx
+
+
+# ---------------------------------------------------------------------------- few tokens
+
+
+class MoEStep(NamedTuple):
+    """The arrays ``moe_step`` writes for N tokens, made once (``moe_step_buffers``)."""
+
+    probs_t: np.ndarray  # [E, N] router probabilities, transposed
+    weights_t: np.ndarray  # [K, N] kept p_k, then w_k
+    weights_flat: np.ndarray  # [K*N] the same (a view)
+    gate: np.ndarray  # [C] w_k of each assignment sorted by expert
+    gate_t: np.ndarray  # gate seen as [C, 1] (one token: its K kept p_k, renormalized)
+    gate_row: np.ndarray  # gate seen as [1, C]
+    xs: np.ndarray  # [C, H] the gathered rows, grouped by expert
+    gu: np.ndarray  # [C, 2F]
+    sig: np.ndarray  # [C, F]
+    h: np.ndarray  # [C, F]
+    ys: np.ndarray  # [C, H] expert outputs
+    slots: np.ndarray  # [K*N, H] weighted outputs in (slot, token) order
+    out: np.ndarray  # [N, H]
+
+
+def moe_step_buffers(
+    n: int, hidden: int, n_experts: int, top_k: int, ffn: int, dtype: np.dtype
+) -> MoEStep:
+    """Buffers of ``moe_step`` for ``n`` tokens."""
+    c = n * top_k
+    weights_t = np.empty((top_k, n), dtype)
+    gate = np.empty(c, dtype)
+    return MoEStep(
+        np.empty((n_experts, n), dtype),
+        weights_t,
+        weights_t.reshape(-1),
+        gate,
+        gate.reshape(c, 1),
+        gate.reshape(1, c),
+        np.empty((c, hidden), dtype),
+        np.empty((c, 2 * ffn), dtype),
+        np.empty((c, ffn), dtype),
+        np.empty((c, ffn), dtype),
+        np.empty((c, hidden), dtype),
+        np.empty((c, hidden), dtype),
+        np.empty((n, hidden), dtype),
+    )
+
+
+def moe_step(x: np.ndarray, w: MoEWeights, top_k: int, b: MoEStep) -> np.ndarray:
+    """MoE combine for few tokens (N*K <= FEW_ASSIGNMENTS, decoding): out = sum over kept
+    k of w_k * Expert_k(x), with the router's top-k and grouping from ``top_k_few``.
+
+    The arrangement of ``moe_forward`` (router probabilities, renormalized top-k, rows
+    grouped by expert, SwiGLU experts, weighted sum), on buffers made once and without
+    the routing record the backward needs. x [N, H] -> out [N, H] (``b.out``); equal to
+    ``moe_forward(x, w, top_k)[0]`` to float rounding.
+    """
+    n = x.shape[0]
+    probs_t = router_probs(x, w.router, b.probs_t)  # [E, N]
+    few = top_k_few(probs_t, top_k)
+    if few is None:  # NaN probabilities: the general path orders them
+        return moe_forward(x, w, top_k)[0]
+    kept, order, counts = few
+    bounds = expert_bounds(counts)
+    if n == 1:  # one token: its K experts read the row itself; kept p_k taken in expert order
+        probs_t.take([kept[a] for a in order], out=b.gate)  # [C] kept p_k, sorted
+        renormalize_top_k(b.gate_t)  # renormalized top-k: w_k = p_k / S
+        ys = swiglu_rows(x, w.gate_up, w.down, bounds, b.gu, b.sig, b.h, b.ys)
+        return b.gate_row.dot(ys, b.out)  # sum_k w_k y_k = w [1, K] y [K, H]
+    probs_t.take(kept, out=b.weights_flat)  # kept p_k   [K, N]
+    renormalize_top_k(b.weights_t)  # renormalized top-k: w_k = p_k / S
+    x.take([a % n for a in order], axis=0, out=b.xs)  # gather   [C, H]
+    b.weights_flat.take(order, out=b.gate)  # [C] w_k, sorted
+    ys = swiglu_rows(b.xs, w.gate_up, w.down, bounds, b.gu, b.sig, b.h, b.ys)
+    ys *= b.gate[:, None]  # w_k y_k
+    b.slots[order] = ys  # back to (slot, token) order   [K*N, H]
+    np.add.reduce(b.slots.reshape(top_k, n, -1), axis=0, out=b.out)  # sum_k w_k y_k
+    return b.out

@@ -52,7 +52,8 @@ def dtype_scalar(value: float, dtype: np.dtype) -> np.ndarray:
 def exp_shifted(
     x: np.ndarray, axis: int = -1, out: np.ndarray | None = None, *, may_be_masked: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The parts of a softmax along ``axis``: (e = exp(x - max x), max x, sum e).
+    """The parts of a softmax along ``axis``: (e = exp(x - max x), max x, sum e), the last
+    two with the reduced axis kept (NumPy scalars for a 1-D x).
 
     ``softmax`` divides e by its sum; the cross-entropy takes log softmax at the target
     from the same parts (x_t - max - log sum). A row that is entirely -inf has max -inf;
@@ -60,18 +61,33 @@ def exp_shifted(
     Callers that know every row has a finite entry (attention: a query always sees its
     own key) pass ``may_be_masked=False`` and save the check.
     """
-    # ufunc.reduce directly: np.max / np.sum add a Python wrapper layer per call
-    m = np.maximum.reduce(x, axis=axis, keepdims=True)
+    # ufunc.reduce directly (positional axis, dtype, out): np.max / np.sum add a Python
+    # wrapper layer per call. A 1-D x reduces to NumPy scalars (no keepdims): the
+    # subtraction and the division then take NumPy's scalar fast path, not broadcasting.
+    keep = x.ndim > 1
+    m = np.maximum.reduce(x, axis, None, None, keepdims=keep)  # type: ignore[call-overload]
     masked = None
-    if may_be_masked and not np.isfinite(m).all():  # rare: rows of -inf (inf/NaN stay visible)
-        masked = m == -np.inf
-        m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
+    if may_be_masked:  # rare: rows of -inf (NaN/+inf stay visible)
+        if not keep:
+            if m == -np.inf:
+                masked, m = True, x.dtype.type(0)
+        elif m.item() == -np.inf if m.size == 1 else _has_neg_inf(m):
+            masked = m == -np.inf
+            m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
     e = np.subtract(x, m, out=out)
-    np.exp(e, out=e)
-    s = np.add.reduce(e, axis=axis, keepdims=True)
+    np.exp(e, e)
+    s = np.add.reduce(e, axis, None, None, keepdims=keep)  # type: ignore[call-overload]
     if masked is not None:
-        s[masked] = 1
+        if keep:
+            s[masked] = 1
+        else:
+            s = x.dtype.type(1)
     return e, m, s
+
+
+def _has_neg_inf(m: np.ndarray) -> bool:
+    """Whether an array holds -inf: its minimum ignoring NaN (fmin) is -inf."""
+    return bool(np.fmin.reduce(m, None) == -np.inf)
 
 
 def softmax(

@@ -30,7 +30,16 @@ from ..checks import check_int, check_number, check_token_ids
 from ..errors import InputError, InUseError
 from .attention import KVCache, KVLayer, build_rope
 from .blas import blas_threads, threads_for
-from .block import BlockCache, BlockWeights, block_backward, block_forward
+from .block import (
+    BlockCache,
+    BlockStep,
+    BlockWeights,
+    block_backward,
+    block_forward,
+    block_step,
+    block_step_buffers,
+    step_rmsnorm,
+)
 from .config import Config
 from .layers import (
     RMSNormCache,
@@ -107,6 +116,28 @@ def parameter_specs(cfg: Config) -> list[tuple[str, tuple[int, ...], int | None]
     return [(part.name, part.shape, fan_in[part.name]) for _, _, parts in slabs for part in parts]
 
 
+# ---------------------------------------------------------------------------- decoding
+
+
+class DecodeBuffers(NamedTuple):
+    """What ``MoETransformer.decode_step`` reuses for B rows, made once per thread and B."""
+
+    x: np.ndarray  # [B, H] the residual stream
+    block: BlockStep  # every layer's arrays (the layers run one after the other)
+    ws: Workspace  # the MoE's buffers when B*K is above FEW_ASSIGNMENTS
+    threads: int | None  # BLAS threads for a step (blas.threads_for)
+
+    @staticmethod
+    def make(model: MoETransformer, batch: int) -> DecodeBuffers:
+        dt = model.dtype
+        return DecodeBuffers(
+            np.empty((batch, model.config.hidden_dim), dt),
+            block_step_buffers(batch, model.config, dt),
+            Workspace(),
+            model.blas_threads_for(batch),
+        )
+
+
 # ---------------------------------------------------------------------------- loss state
 
 
@@ -173,6 +204,8 @@ class MoETransformer:
         self._w = self._layer_views(self.store.flat)
         self._dw = self._layer_views(self.store.grad)
         self._lm_head = self.store.slab("lm_head.weight", self.store.flat)  # W^T [H, V]
+        self._embed = self.store.view("embed.weight", self.store.flat)  # [V, H]
+        self._final_norm = self.store.view("final_norm.weight", self.store.flat)  # [H]
         self._dlm_head = self.store.slab("lm_head.weight", self.store.grad)
 
     def _layer_views(self, buffer: np.ndarray) -> list[BlockWeights]:
@@ -198,7 +231,16 @@ class MoETransformer:
 
     def __getstate__(self) -> dict[str, Any]:  # picklable: per-thread state is rebuilt
         state = self.__dict__.copy()
-        for name in ("_tls", "_grad_lock", "_w", "_dw", "_lm_head", "_dlm_head"):
+        for name in (
+            "_tls",
+            "_grad_lock",
+            "_w",
+            "_dw",
+            "_lm_head",
+            "_dlm_head",
+            "_embed",
+            "_final_norm",
+        ):
             del state[name]
         return state
 
@@ -293,7 +335,9 @@ class MoETransformer:
         """final RMSNorm, then LM head: [N, H] -> logits [N, V] (into ``out`` or a new array)."""
         p = self.store.params
         y, _ = rmsnorm_forward(x, p["final_norm.weight"], self.config.rms_eps, ws, "final.")
-        return np.matmul(y, self._lm_head, out=out)  # LM head: Linear H -> V
+        if out is None:
+            out = np.empty((y.shape[0], self._lm_head.shape[1]), y.dtype)
+        return linear_forward(y, self._lm_head, out=out)  # LM head: Linear H -> V
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for incremental decoding of up to ``max_len`` positions."""
@@ -327,12 +371,14 @@ class MoETransformer:
             )
         if check_ids:
             ids = check_token_ids(ids, self.config.vocab_size, ndim=1)
-        return self._forward_cached(ids[:, None], cache)[:, 0]
+        return self._decode(ids, cache)
 
     def _forward_cached(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         batch, seq = ids.shape
         if batch != cache.batch_size:
             raise InputError(f"token_ids batch {batch} != KV cache batch {cache.batch_size}")
+        if seq == 1:  # one new token per row: the decoding arrangement
+            return self._decode(ids[:, 0], cache)[:, None]
         if cache.length + seq > cache.max_len:
             raise InputError(
                 f"KV cache holds {cache.length} of {cache.max_len} positions; {seq} more do not fit"
@@ -346,6 +392,33 @@ class MoETransformer:
                 x, _ = block_forward(x, batch, w, self.config, self.rope, start, kv, ws, f"l{i}.")
             cache.length = start + seq
             return self._head(x, ws).reshape(batch, seq, -1)
+
+    def _decode(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Logits [B, V] (a new array) of one token per row, ids [B] in range, at position
+        cache.length: embedding, ``block_step`` per layer, final RMSNorm, LM head."""
+        start = cache.length
+        if start >= cache.max_len:
+            raise InputError(
+                f"KV cache holds {start} of {cache.max_len} positions; 1 more does not fit"
+            )
+        batch = ids.shape[0]
+        steps: dict[int, DecodeBuffers] | None = getattr(self._tls, "steps", None)
+        if steps is None:
+            steps = self._tls.steps = {}
+        b = steps.get(batch)
+        if b is None:
+            if len(steps) >= WORKSPACES_PER_THREAD:  # a bounded set of batch sizes
+                steps.clear()
+            b = steps[batch] = DecodeBuffers.make(self, batch)
+        cfg, rope = self.config, self.rope
+        with blas_threads(b.threads):
+            x = embedding_forward(ids, self._embed, out=b.x)  # [B, H]
+            for w, k, v in zip(self._w, cache.k, cache.v):
+                block_step(x, w, cfg, rope, start, KVLayer(k, v), b.block, b.ws)
+            cache.length = start + 1
+            y = step_rmsnorm(x, self._final_norm, cfg.rms_eps, b.block)  # final RMSNorm
+            logits = np.empty((batch, self._lm_head.shape[1]), y.dtype)  # [B, V], returned
+            return linear_forward(y, self._lm_head, out=logits)  # LM head: Linear H -> V
 
     # ---- loss and backward -----------------------------------------------------
     def forward_loss(
