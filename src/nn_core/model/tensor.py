@@ -150,5 +150,5 @@ def kaiming_normal_(rng: np.random.Generator, out: np.ndarray, fan_in: int) -> N
     if out.dtype == np.float32 and out.flags.c_contiguous:
         rng.standard_normal(dtype=np.float32, out=out)
         out *= std
-    else:  # draw in C order, then scale straight into the strided (or float64) view
-        np.multiply(rng.standard_normal(out.shape, dtype=np.float32), std, out=out)
+    else:
+        out[...] = rng.standard_normal(out.shape, dtype=np.float32) * std
