@@ -215,7 +215,10 @@ def test_nan_in_one_row_of_a_batch_raises():
     ("bad_row", "match"),
     [
         ([0.0, np.nan, -np.inf], "NaN"),
+        ([9.0, 0.0, np.nan], "NaN"),  # after the largest finite logit
+        ([9.0, np.inf, np.nan], "NaN"),
         ([0.0, np.inf, 1.0], r"\+inf"),
+        ([9.0, 1.0, np.inf], r"\+inf"),
         ([-np.inf, -np.inf, -np.inf], "entirely -inf"),
     ],
 )
@@ -227,6 +230,8 @@ def test_each_non_finite_problem_in_a_batch_is_named(bad_row, match, dtype):
     for strategy in (Greedy(), TopP(0.9)):
         with pytest.raises(InputError, match=match):
             strategy.pick_tokens(x, _rng())
+        with pytest.raises(InputError, match=match):  # one row (greedy reads one value)
+            strategy.pick_tokens(x[2:], _rng())
 
 
 def test_float_logits_are_checked_without_a_copy():

@@ -310,13 +310,15 @@ def _cached_steps(
     cache = model.new_kv_cache(batch, min(prompt_len + n_new - 1, max_seq))
     logits = model.forward_cached(ids, cache)[:, -1, :limit]  # prefill   [B, V']
     start, t = 0, prompt_len  # the context is seq[:, start:t]
+    history = strategy.uses_history
     for g in range(n_new):
-        tokens = _pick(logits, strategy, rng, _history(strategy, seq, start, t, limit))  # [B]
+        hist = _history(strategy, seq, start, t, limit) if history else None
+        tokens = _pick(logits, strategy, rng, hist)  # [B]
         seq[:, t] = tokens
         t += 1
         yield DecodeStep(tokens, logits)
         if g + 1 < n_new:
-            new_start = _window_start(start, t, max_seq, keep)
+            new_start = start if keep is None else _window_start(start, t, max_seq, keep)
             if new_start != start:  # slide: re-prefill the last `keep` tokens, positions 0..
                 start = new_start
                 cache = model.new_kv_cache(batch, max_seq)

@@ -55,13 +55,15 @@ STRATEGY_NAMES = ("greedy", "temperature", "sample", "top_k", "top_p", "min_p")
 # ---- small pure functions on [B, V] float64 logits -------------------------------------
 
 
-def check_logits(logits: ArrayLike, ndim: int) -> NDArray[np.floating]:
+def check_logits(logits: ArrayLike, ndim: int, *, values: bool = True) -> NDArray[np.floating]:
     """Validate logits ([V] when ndim=1, [B, V] when ndim=2); return them as a float array.
 
     Float logits come back as they are (no copy: greedy needs no float64); integer
     logits as float64. The values cost one reduction to check: every row's max is
     finite exactly when there is no NaN (it propagates into the max), no +inf, and no
     row that is entirely -inf. Only a failing check pays for naming the problem.
+    ``values=False`` checks shape and dtype only (``sample_argmax`` checks the values
+    it picks, which is the same check).
     """
     arr = np.asarray(logits)
     want = "[V]" if ndim == 1 else "[B, V]"
@@ -73,7 +75,7 @@ def check_logits(logits: ArrayLike, ndim: int) -> NDArray[np.floating]:
         if arr.dtype.kind not in "iu":
             raise InputError(f"logits must be a real-valued array, got dtype {arr.dtype}")
         arr = arr.astype(np.float64)
-    if not np.isfinite(arr.max(axis=-1)).all():
+    if values and not np.isfinite(arr.max(axis=-1)).all():
         _raise_non_finite(arr)
     return arr
 
@@ -88,8 +90,21 @@ def _raise_non_finite(x: NDArray[np.floating]) -> None:
 
 
 def sample_argmax(logits: NDArray[np.floating]) -> NDArray[np.int64]:
-    """Greedy: [B, V] -> [B], the highest logit (lowest id on ties)."""
-    return np.argmax(logits, axis=-1).astype(np.int64)
+    """Greedy: [B, V] -> [B], the highest logit (lowest id on ties).
+
+    Also the value check of ``check_logits``, at the cost of reading the picked logits:
+    argmax picks a row's first NaN if it has one, else its +inf if it has one, else -inf
+    only when the whole row is -inf; so the picks are all finite exactly when every
+    row's max is.
+    """
+    ids = np.argmax(logits, axis=-1).astype(np.int64, copy=False)  # [B]
+    if logits.shape[0] == 1:  # one row: a scalar read
+        ok = math.isfinite(logits[0, ids[0]])
+    else:
+        ok = bool(np.isfinite(logits[np.arange(logits.shape[0]), ids]).all())
+    if not ok:
+        _raise_non_finite(logits)
+    return ids
 
 
 def softmax64(logits: NDArray[np.float64], temperature: float) -> NDArray[np.float64]:
@@ -237,9 +252,10 @@ class SamplingStrategy:
     ) -> NDArray[np.int64]:
         """Logits [B, V] -> token ids int64 [B]: inverse CDF over ``probs``, one uniform
         per row (row order); greedy takes the argmax and draws nothing."""
-        x = check_logits(logits, ndim=2)  # [B, V], the logits' own float dtype
-        if self.is_greedy:
-            return sample_argmax(x)  # the one-hot of probs; exact in any float dtype, no copy
+        greedy = self.is_greedy
+        x = check_logits(logits, ndim=2, values=not greedy)  # [B, V], its own float dtype
+        if greedy:  # the one-hot of probs; exact in any float dtype, no copy
+            return sample_argmax(x)  # (checks the values it picks)
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"{self!r} needs an explicit np.random.Generator, got {rng!r}")
         u = rng.random((x.shape[0],))  # [B], one uniform per row, in row order
