@@ -1,8 +1,8 @@
 """Token sampling: greedy, temperature, top-k, top-p (nucleus), min-p, repetition penalty.
 
 As in llama2.c's ``run.c``: a few small pure functions on rows of logits
-(``sample_argmax``, ``softmax64``, ``sample_mult``, ``top_k_mask``, ``top_p_mask``)
-behind one dispatcher, ``SamplingStrategy.pick_tokens``. Each strategy is a frozen
+(``sample_argmax``, ``softmax64``, ``renormalize_over``, ``sample_mult``, ``top_k_mask``,
+``top_p_mask``) behind one dispatcher, ``SamplingStrategy.pick_tokens``. Each strategy is a frozen
 dataclass that rejects bad parameters on construction (ConfigError).
 
 The distribution a strategy samples from is public: ``strategy.probs(logits)`` returns
@@ -112,6 +112,13 @@ def softmax64(logits: NDArray[np.float64], temperature: float) -> NDArray[np.flo
     the model's softmax (``nn_core.model.tensor.softmax``) of the scaled logits; a
     masked (-inf) logit gets probability 0."""
     return softmax(logits / temperature, axis=-1)
+
+
+def renormalize_over(q: NDArray[np.float64], keep: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """[B, V] probabilities q renormalized over the ids ``keep`` marks, 0 elsewhere:
+    q_i / sum_{j kept} q_j (every row keeps at least one id)."""
+    kept = np.where(keep, q, 0.0)  # [B, V]
+    return kept / kept.sum(axis=-1, keepdims=True)
 
 
 def sample_mult(probs: NDArray[np.float64], u: NDArray[np.float64]) -> NDArray[np.int64]:
@@ -331,8 +338,7 @@ class TopP(SamplingStrategy):
 
     def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
         q = softmax64(logits, self.temperature)  # [B, V], with the temperature
-        kept = np.where(top_p_mask(q, float(self.p)), q, 0.0)  # [B, V], the nucleus
-        return kept / kept.sum(axis=-1, keepdims=True)  # renormalized over the nucleus
+        return renormalize_over(q, top_p_mask(q, float(self.p)))  # over the nucleus
 
 
 @dataclass(frozen=True)
@@ -353,8 +359,7 @@ class MinP(SamplingStrategy):
 
     def _probs(self, logits: NDArray[np.float64]) -> NDArray[np.float64]:
         q = softmax64(logits, self.temperature)  # [B, V], with the temperature
-        kept = np.where(min_p_mask(q, float(self.p_min)), q, 0.0)  # [B, V]
-        return kept / kept.sum(axis=-1, keepdims=True)  # renormalized over the kept ids
+        return renormalize_over(q, min_p_mask(q, float(self.p_min)))  # over the kept ids
 
 
 @dataclass(frozen=True)
