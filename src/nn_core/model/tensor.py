@@ -65,7 +65,12 @@ def exp_shifted(
     # wrapper layer per call. A 1-D x reduces to NumPy scalars (no keepdims): the
     # subtraction and the division then take NumPy's scalar fast path, not broadcasting.
     keep = x.ndim > 1
-    m = np.maximum.reduce(x, axis, None, None, keepdims=keep)  # type: ignore[call-overload]
+    if not keep:  # one vector: the max by argmax (the first NaN, else the largest
+        # value: what maximum.reduce returns, at a fifth of its cost) and the sum by a
+        # BLAS dot with ones (a third of add.reduce's; a different summation order)
+        m = x[x.argmax()]
+    else:
+        m = np.maximum.reduce(x, axis, None, None, keepdims=True)  # type: ignore[call-overload]
     masked = None
     if may_be_masked:  # rare: rows of -inf (NaN/+inf stay visible)
         if not keep:
@@ -76,13 +81,30 @@ def exp_shifted(
             m[masked] = 0  # exp(-inf - 0) = 0 instead of NaN from -inf - -inf
     e = np.subtract(x, m, out=out)
     np.exp(e, e)
-    s = np.add.reduce(e, axis, None, None, keepdims=keep)  # type: ignore[call-overload]
+    if keep:
+        s = np.add.reduce(e, axis, None, None, keepdims=True)  # type: ignore[call-overload]
+    else:
+        s = e.dot(_ones(e.shape[0], e.dtype))
     if masked is not None:
         if keep:
             s[masked] = 1
         else:
             s = x.dtype.type(1)
     return e, m, s
+
+
+_ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only vector of n ones, made once per (n, dtype) (a bounded cache)."""
+    v = _ONES.get((n, dtype))
+    if v is None:
+        if len(_ONES) >= 16:
+            _ONES.clear()
+        v = _ONES[(n, dtype)] = np.ones(n, dtype)
+        v.flags.writeable = False
+    return v
 
 
 def _has_neg_inf(m: np.ndarray) -> bool:
