@@ -52,25 +52,26 @@ def test_generation_ends_after_the_eos_id(model, strategy):
 
 def test_stop_strings_end_the_ids_and_are_cut_from_the_text(model):
     strategy = TopK(30, 1.5)
-    full = generate(model, PROMPT, 32, strategy, seed=9, vocab_limit=LIMIT)
+    seed = 6  # a draw whose text reaches the EOS id halfway (new token 14 of 23)
+    full = generate(model, PROMPT, 32, strategy, seed=seed, vocab_limit=LIMIT)
     text = TOK.decode(np.array(full[PROMPT.size :]))
     stop = text[6:8]  # a string that occurs in the new text
     at = text.find(stop)
     want_text = text[:at]
     ids = generate(
-        model, PROMPT, 32, strategy, seed=9, vocab_limit=LIMIT, stop=[stop], tokenizer=TOK
+        model, PROMPT, 32, strategy, seed=seed, vocab_limit=LIMIT, stop=[stop], tokenizer=TOK
     )
     new_text = TOK.decode(np.array(ids[PROMPT.size :]))
     assert new_text.endswith(stop) and new_text.find(stop) == at  # ends with the completing token
-    kw = dict(stop=[stop, "never occurs"], seed=9, ignore_eos=True)
+    kw = dict(stop=[stop, "never occurs"], seed=seed, ignore_eos=True)
     assert generate_text(model, TOK, "def f(x):", 23, strategy, **kw) == want_text
     pieces = list(stream_text(model, TOK, PROMPT, 23, strategy, **kw))
     assert "".join(pieces) == want_text and all(stop not in p for p in pieces)
     # no stop: the whole text, or up to the tokenizer's EOS, which is on by default
-    assert generate_text(model, TOK, PROMPT, 23, strategy, seed=9, ignore_eos=True) == text
-    at_eos = generate(model, PROMPT, 32, strategy, seed=9, vocab_limit=LIMIT, eos_id=TOK.eos_id)
+    assert generate_text(model, TOK, PROMPT, 23, strategy, seed=seed, ignore_eos=True) == text
+    at_eos = generate(model, PROMPT, 32, strategy, seed=seed, vocab_limit=LIMIT, eos_id=TOK.eos_id)
     assert TOK.eos_id in full and at_eos[-1] == TOK.eos_id and len(at_eos) < len(full)
-    assert generate_text(model, TOK, PROMPT, 23, strategy, seed=9) == TOK.decode(at_eos[9:])
+    assert generate_text(model, TOK, PROMPT, 23, strategy, seed=seed) == TOK.decode(at_eos[9:])
 
 
 def test_stream_holds_back_text_that_may_start_a_stop_string(model):

@@ -192,6 +192,24 @@ def test_initialization_experts_and_layers_differ_with_kaiming_scale():
     assert p["embed.weight"].std() == pytest.approx(np.sqrt(2 / 64), rel=0.01)
 
 
+def test_normal_draws_are_box_muller_of_the_generators_uniforms():
+    """standard_normal_f32 against the transform written directly in float64 on the same
+    uniforms, then the distribution: moments and tails of a standard normal."""
+    from nn_core.model.tensor import standard_normal_f32
+
+    z = standard_normal_f32(np.random.default_rng(5), 7)  # odd n: the last pair is cut
+    u = np.random.default_rng(5).random(8, dtype=np.float32).astype(np.float64)
+    radius, angle = np.sqrt(-2 * np.log(1 - u[:4])), 2 * np.pi * u[4:]
+    want = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:7]
+    assert z.dtype == np.float32 and z.shape == (7,)
+    np.testing.assert_allclose(z, want, rtol=2e-6, atol=2e-6)
+    big = standard_normal_f32(np.random.default_rng(0), 1_000_000).astype(np.float64)
+    assert abs(big.mean()) < 0.005 and abs(big.std() - 1) < 0.005
+    assert abs(np.mean(big**3)) < 0.02 and abs(np.mean(big**4) - 3) < 0.05  # skew, kurtosis
+    assert abs(np.mean(np.abs(big) > 2) - 0.0455) < 0.002  # P(|z| > 2) of a normal
+    assert np.abs(big).max() <= np.sqrt(2 * 24 * np.log(2)) + 1e-5
+
+
 def test_parameter_names_shapes_and_flat_views():
     cfg = Config.tiny()
     model = MoETransformer(cfg)

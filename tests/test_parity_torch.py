@@ -164,7 +164,7 @@ def test_torch_adamw_decoupled_decay_equals_spec_formula():
 
 # ---- ten training steps: Trainer vs torch.optim.AdamW ---------------------------------
 
-TRAIN = dict(batch_size=2, seq_len=8, lr=1e-3, warmup_steps=3, total_steps=10, grad_clip=6.0,
+TRAIN = dict(batch_size=2, seq_len=8, lr=1e-3, warmup_steps=3, total_steps=10, grad_clip=10.0,
              aux_loss_weight=0.01, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)  # fmt: skip
 STEPS = 10  # 3 warmup updates (lr 0, lr/3, 2lr/3), then the whole cosine down to min_lr
 

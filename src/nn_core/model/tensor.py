@@ -161,16 +161,41 @@ def silu_grad(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- init
 
 
+def standard_normal_f32(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n standard normal draws [n], float32, by the Box-Muller transform.
+
+    From uniform pairs u1 in (0, 1], u2 in [0, 1):
+        z1 = sqrt(-2 ln u1) cos(2 pi u2),   z2 = sqrt(-2 ln u1) sin(2 pi u2),
+    two independent standard normals per pair. The uniforms are ``rng.random``'s float32
+    draws (multiples of 2^-24), so |z| <= sqrt(2 ln 2^24) = 5.77. The same seed gives the
+    same values on every machine NumPy's float32 log, sqrt, cos and sin round alike; it
+    runs in well under half the time of ``rng.standard_normal`` on float32 (vectorized
+    transcendental functions against a scalar ziggurat loop).
+    """
+    m = (n + 1) // 2
+    u = rng.random(2 * m, dtype=np.float32)
+    radius, angle = u[:m], u[m:]
+    np.subtract(np.float32(1), radius, radius)  # u1 = 1 - u in (0, 1]: ln u1 is finite
+    np.log(radius, radius)
+    radius *= np.float32(-2)
+    np.sqrt(radius, radius)  # sqrt(-2 ln u1)
+    angle *= np.float32(2 * np.pi)  # 2 pi u2
+    z = np.empty(2 * m, np.float32)
+    np.cos(angle, z[:m])
+    np.sin(angle, z[m:])
+    z[:m] *= radius
+    z[m:] *= radius
+    return z[:n]
+
+
 def kaiming_normal_(rng: np.random.Generator, out: np.ndarray, fan_in: int) -> None:
-    """Kaiming/He init in place: normal with std = sqrt(2 / fan_in).
+    """Kaiming/He init in place: normal with std = sqrt(2 / fan_in) (``standard_normal_f32``
+    draws, scaled).
 
     Drawn in float32 (a float64 ``out`` receives the same float32 values, widened), so a
     float32 and a float64 model built from one seed hold identical weights. ``out`` may
     be a strided view; the draws fill it in C order either way.
     """
-    std = np.float32(np.sqrt(2.0 / fan_in))
-    if out.dtype == np.float32 and out.flags.c_contiguous:
-        rng.standard_normal(dtype=np.float32, out=out)
-        out *= std
-    else:
-        out[...] = rng.standard_normal(out.shape, dtype=np.float32) * std
+    z = standard_normal_f32(rng, out.size).reshape(out.shape)
+    z *= np.float32(np.sqrt(2.0 / fan_in))
+    out[...] = z
