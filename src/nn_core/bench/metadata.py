@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-from importlib import metadata as importlib_metadata
 from typing import Any
 
 import numpy as np
@@ -72,6 +71,11 @@ def blas_threads_now() -> int | None:
 
 
 def _version(dist: str) -> str | None:
+    # imported here, when the metadata is written after the measurements: importlib.metadata
+    # (with email, zipfile, csv) adds about 4 MB to a process, which every scenario's peak
+    # RSS would otherwise carry
+    from importlib import metadata as importlib_metadata
+
     try:
         return importlib_metadata.version(dist)
     except importlib_metadata.PackageNotFoundError:
