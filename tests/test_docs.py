@@ -230,3 +230,29 @@ def test_forbidden_patterns_catch_each_form() -> None:
 def test_readme_references() -> None:
     """(a), (b) and (c) for README.md."""
     assert reference_errors(README) + forbidden_mentions(README) == []
+
+
+def empty_sections(text: str) -> list[str]:
+    """Headings with nothing before the next heading of the same or a higher level
+    (what a merge leaves when it keeps a heading twice); fenced code is not scanned."""
+    found: list[str] = []
+    open_heading: tuple[int, str] | None = None
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"(#+) ", line)
+        if heading:
+            level = len(heading.group(1))
+            if open_heading and level <= open_heading[0]:
+                found.append(open_heading[1])
+            open_heading = (level, line)
+        elif line.strip() and open_heading:
+            open_heading = None
+    return found + ([open_heading[1]] if open_heading else [])
+
+
+def test_no_heading_is_left_empty() -> None:
+    assert empty_sections("# A\n\n## B\n### C\n\ntext\n## D\n## E\n\nx\n") == ["## D"]
+    for page in [README, *DOCS]:
+        assert empty_sections(page.read_text(encoding="utf-8")) == [], page.name
