@@ -140,9 +140,9 @@ def rmsnorm_backward(
     xn = buffer(ws, key + "xn", x.shape, x.dtype)
     np.multiply(x, r, out=xn)  # [N, H] normalized input
     if overwrite:  # dg = sum over rows of dy . xn   [H]
-        np.einsum("nh,nh->h", dy, xn, out=dgain)
+        np.vecdot(dy.T, xn.T, out=dgain)
     else:
-        dgain += np.einsum("nh,nh->h", dy, xn)
+        dgain += np.vecdot(dy.T, xn.T)
     a = buffer(ws, key + "dx", x.shape, x.dtype)
     np.multiply(dy, gain, out=a)  # a = dy . g   [N, H]
     proj = buffer(ws, key + "proj", (n, 1), x.dtype)
@@ -176,10 +176,12 @@ def weight_grad(
             np.multiply(a, b, out=dw)
         else:
             dw += np.multiply(a, b, out=buffer(ws, key, dw.shape, dw.dtype))
-    elif overwrite:
-        np.matmul(a, b, out=dw)
+    elif not overwrite:
+        dw += matmul_into(a, b, buffer(ws, key, dw.shape, dw.dtype))
+    elif dw.flags.c_contiguous:  # every gradient view of the flat buffer
+        matmul_into(a, b, dw)
     else:
-        dw += np.matmul(a, b, out=buffer(ws, key, dw.shape, dw.dtype))
+        np.matmul(a, b, out=dw)
 
 
 def linear_forward(
@@ -228,8 +230,7 @@ def linear_backward(
     dy [N, out], x [N, in], w_t / dw_t = W^T / dW^T [in, out] -> dx [N, in].
     """
     weight_grad(x.T, dy, dw_t, overwrite, ws, key + "dw")  # dW^T += X^T dY
-    dx = buffer(ws, key + "dx", x.shape, x.dtype)
-    return np.matmul(dy, w_t.T, out=dx)
+    return matmul_into(dy, w_t.T, buffer(ws, key + "dx", x.shape, x.dtype))  # dX = dY W
 
 
 # ---------------------------------------------------------------------------- SwiGLU experts
@@ -326,6 +327,15 @@ def _row_window(lo: int, hi: int) -> int:
     return hi if n == 1 else lo + -(-n // ROW_BLOCK) * ROW_BLOCK
 
 
+def swiglu_dout_buffer(
+    rows: int, hidden: int, dtype: np.dtype, ws: Workspace | None = None, key: str = ""
+) -> np.ndarray:
+    """The buffer ``swiglu_backward`` reads its upstream gradient from: [C + ROW_BLOCK - 1,
+    H], the rows past C zero. A caller that writes dout into its first C rows (and passes
+    that view) saves ``swiglu_backward`` a copy."""
+    return buffer(ws, key + "dout", (rows + ROW_BLOCK - 1, hidden), dtype, zero=True)
+
+
 def swiglu_backward(
     dout: np.ndarray,
     cache: SwiGLUCache,
@@ -343,6 +353,7 @@ def swiglu_backward(
     dx = dG Wg + dU Wu = [dG dU] [Wg; Wu]; dWg += dG^T x; dWu += dU^T x (one product each
     with gate|up fused), with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
     Weights and their gradients in the stored (transposed) layout of ``swiglu_forward``.
+    dout [C, H] (best: the first C rows of ``swiglu_dout_buffer``) -> dx [C, H].
     """
     x, bounds, gu, sig, h = cache
     if w_gate_up.ndim == 2:  # a single expert
@@ -359,14 +370,18 @@ def swiglu_backward(
     # windows: the buffers carry ROW_BLOCK - 1 zero rows past the end, and a window's
     # extra rows (the next expert's, computed again in its turn) are overwritten later.
     pad = ROW_BLOCK - 1
-    dout_p = buffer(ws, key + "dout", (rows + pad, hidden), dt, zero=True)  # [C + pad, H]
-    dout_p[:rows] = dout
+    dout_p = swiglu_dout_buffer(rows, hidden, dt, ws, key)  # [C + pad, H]
+    if dout.base is not dout_p:  # not already written there by the caller
+        np.copyto(dout_p[:rows], dout)
+    dout = dout_p[:rows]
     dh = buffer(ws, key + "dh", (rows + pad, f), dt)  # [C + pad, F]
+    wd = w_down.transpose(0, 2, 1)  # [E, H, F] each expert's Wd (views)
+    h_t = h.T  # [F, C]
     for e, lo, hi in bounds:
         w = _row_window(lo, hi)
-        np.matmul(dout_p[lo:w], w_down[e].T, out=dh[lo:w])  # dh = dout Wd
+        matmul_into(dout_p[lo:w], wd[e], dh[lo:w])  # dh = dout Wd
         # dWd^T += h^T dout
-        weight_grad(h[lo:hi].T, dout[lo:hi], dw_down[e], overwrite, ws, key + "dwd")
+        weight_grad(h_t[:, lo:hi], dout[lo:hi], dw_down[e], overwrite, ws, key + "dwd")
     g, u = gu[:, :f], gu[:, f:]
     dgu_p = buffer(ws, key + "dgu", (rows + pad, 2 * f), dt, zero=True)  # [C + pad, 2F]
     dgu = dgu_p[:rows]  # [C, 2F]; the pad rows stay 0
@@ -379,9 +394,11 @@ def swiglu_backward(
     dgu2 = dgu.reshape(rows, 2, f)  # [C, 2, F]: both halves times dh in one contiguous pass
     dgu2 *= dh[:rows, None]  # dG = dh . U . s'(G);  dU = dh . s(G)
     dx = buffer(ws, key + "dx", (rows + pad, hidden), dt)  # [C + pad, H]
+    wgu = w_gate_up.transpose(0, 2, 1)  # [E, 2F, H] each expert's [Wg; Wu] (views)
+    x_t = x.T  # [H, C]
     for e, lo, hi in bounds:
         # [dWg dWu]^T += x^T [dG dU]
-        weight_grad(x[lo:hi].T, dgu[lo:hi], dw_gate_up[e], overwrite, ws, key + "dwgu")
+        weight_grad(x_t[:, lo:hi], dgu[lo:hi], dw_gate_up[e], overwrite, ws, key + "dwgu")
         w = _row_window(lo, hi)
-        np.matmul(dgu_p[lo:w], w_gate_up[e].T, out=dx[lo:w])  # dx = [dG dU] [Wg; Wu]
+        matmul_into(dgu_p[lo:w], wgu[e], dx[lo:w])  # dx = [dG dU] [Wg; Wu]
     return dx[:rows]
