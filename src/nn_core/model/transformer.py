@@ -57,13 +57,6 @@ from .tensor import check_dtype, kaiming_normal_
 from .workspace import Workspace, buffer
 
 WORKSPACES_PER_THREAD = 4  # batch shapes whose buffers a thread keeps (least recently used go)
-# The backward's weight-gradient products each write a whole weight from few rows (an
-# expert's gate|up: H x 2F entries); OpenBLAS splits such a product over its output, so a
-# second thread pays once the largest weight has this many entries, even where the
-# forward's products (the same multiply-adds, small outputs) stay on one. Measured on the
-# 2-core machine, backward at batch 2, seq 8, alternating one and two threads: small config
-# (H x 2F = 524,288) 5.8 -> 4.2 ms on two; tiny (32,768) the same on both.
-BACKWARD_MULTI_THREAD_MIN_ENTRIES = 1 << 18
 
 
 class LossTerms(NamedTuple):
@@ -323,16 +316,6 @@ class MoETransformer:
         )
         return threads_for(n_tokens * c.hidden_dim * widest)
 
-    def backward_blas_threads_for(self, n_tokens: int) -> int | None:
-        """BLAS threads for a backward on ``n_tokens`` rows: ``blas_threads_for``, or every
-        thread when the largest weight (expert gate|up, LM head or q|k|v) has at least
-        BACKWARD_MULTI_THREAD_MIN_ENTRIES entries."""
-        c = self.config
-        largest = c.hidden_dim * max(2 * c.ffn_dim, c.vocab_size, c.q_dim + 2 * c.kv_dim)
-        if largest >= BACKWARD_MULTI_THREAD_MIN_ENTRIES:
-            return None
-        return self.blas_threads_for(n_tokens)
-
     def _layer_key(self, i: int, checkpointing: bool) -> str:
         return "block." if checkpointing else f"l{i}."
 
@@ -531,8 +514,7 @@ class MoETransformer:
             want = (self.config.n_layers, self.config.n_experts)
             if fractions.shape != want:
                 raise InputError(f"fractions must have shape {want}, got {fractions.shape}")
-        threads = self.backward_blas_threads_for(state.ids.size)
-        with self._gradient_writer(), blas_threads(threads):
+        with self._gradient_writer(), blas_threads(self.blas_threads_for(state.ids.size)):
             # zero_grad: every gradient is written, not added (no separate zero fill)
             self._backward(state, float(scale), fractions, zero_grad)
 
@@ -637,11 +619,9 @@ class MoETransformer:
         tgt = self._check_targets(targets, ids)
         alpha = check_number(aux_loss_weight, "aux_loss_weight", 0.0, np.inf, high_open=True)
         ws = self._workspace("loss", ids.shape)
-        with self._gradient_writer():
-            with blas_threads(self.blas_threads_for(ids.size)):
-                state = self._forward_loss(ids, tgt, alpha, activation_checkpointing, ws)
-            with blas_threads(self.backward_blas_threads_for(ids.size)):
-                self._backward(state, 1.0, None, True)  # written, not added: no zero fill
+        with self._gradient_writer(), blas_threads(self.blas_threads_for(ids.size)):
+            state = self._forward_loss(ids, tgt, alpha, activation_checkpointing, ws)
+            self._backward(state, 1.0, None, True)  # written, not added: no zero fill
         return state.terms
 
 
