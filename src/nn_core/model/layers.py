@@ -377,11 +377,12 @@ def swiglu_backward(
     dh = buffer(ws, key + "dh", (rows + pad, f), dt)  # [C + pad, F]
     wd = w_down.transpose(0, 2, 1)  # [E, H, F] each expert's Wd (views)
     h_t = h.T  # [F, C]
-    for e, lo, hi in bounds:
-        w = _row_window(lo, hi)
+    windows = [(e, lo, hi, _row_window(lo, hi)) for e, lo, hi in bounds]
+    key_dwd = key + "dwd"
+    for e, lo, hi, w in windows:
         matmul_into(dout_p[lo:w], wd[e], dh[lo:w])  # dh = dout Wd
         # dWd^T += h^T dout
-        weight_grad(h_t[:, lo:hi], dout[lo:hi], dw_down[e], overwrite, ws, key + "dwd")
+        weight_grad(h_t[:, lo:hi], dout[lo:hi], dw_down[e], overwrite, ws, key_dwd)
     g, u = gu[:, :f], gu[:, f:]
     dgu_p = buffer(ws, key + "dgu", (rows + pad, 2 * f), dt, zero=True)  # [C + pad, 2F]
     dgu = dgu_p[:rows]  # [C, 2F]; the pad rows stay 0
@@ -396,9 +397,9 @@ def swiglu_backward(
     dx = buffer(ws, key + "dx", (rows + pad, hidden), dt)  # [C + pad, H]
     wgu = w_gate_up.transpose(0, 2, 1)  # [E, 2F, H] each expert's [Wg; Wu] (views)
     x_t = x.T  # [H, C]
-    for e, lo, hi in bounds:
+    key_dwgu = key + "dwgu"
+    for e, lo, hi, w in windows:
         # [dWg dWu]^T += x^T [dG dU]
-        weight_grad(x_t[:, lo:hi], dgu[lo:hi], dw_gate_up[e], overwrite, ws, key + "dwgu")
-        w = _row_window(lo, hi)
+        weight_grad(x_t[:, lo:hi], dgu[lo:hi], dw_gate_up[e], overwrite, ws, key_dwgu)
         matmul_into(dgu_p[lo:w], wgu[e], dx[lo:w])  # dx = [dG dU] [Wg; Wu]
     return dx[:rows]
