@@ -16,12 +16,26 @@ output is a fresh array.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from .tensor import dtype_scalar, sigmoid
 from .workspace import Workspace, buffer
+
+
+class FusedBackward(NamedTuple):
+    """Compiled one-pass versions of element-wise backward lines, handed in by the caller
+    (the trainer's ``nn_core.training.kernels.fused_backward``; the model imports no
+    compiler). The NumPy code of ``rmsnorm_backward`` and ``swiglu_backward`` is the
+    reference they are tested against."""
+
+    # (dy, x, r, gain, dgain, dx, overwrite): RMSNorm backward, dx [N, H] written
+    rmsnorm: Callable[..., None]
+    # (gu [C, 2F], sig [C, F], dh [C, F], dgu [C, 2F]): dG = dh . U . s'(G), dU = dh . s(G)
+    swiglu_grad: Callable[..., None]
+
 
 # ---------------------------------------------------------------------------- Embedding
 
@@ -128,15 +142,20 @@ def rmsnorm_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """RMSNorm backward, per row with r = (mean(x^2) + eps)^(-1/2):
     a = dy . g;  dx = r . a - x . r^3 . (sum_j a_j x_j) / H;  dg = sum over rows of dy . x . r.
 
     (x . r^3 . sum(a x) / H equals xn . r . mean(a . xn) with xn = x . r, which is how it
-    is computed.) Returns dx [N, H].
+    is computed.) Returns dx [N, H]. ``fused``: the same lines by its compiled ``rmsnorm``.
     """
     x, r = cache
     n, h = x.shape
+    if fused is not None:
+        dx = buffer(ws, key + "dx", x.shape, x.dtype)
+        fused.rmsnorm(dy, x, r, gain, dgain, dx, overwrite)
+        return dx
     xn = buffer(ws, key + "xn", x.shape, x.dtype)
     np.multiply(x, r, out=xn)  # [N, H] normalized input
     if overwrite:  # dg = sum over rows of dy . xn   [H]
@@ -347,6 +366,7 @@ def swiglu_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """SwiGLU backward, per expert for the products:
     dh = dout Wd; dWd += dout^T h; dG = dh . U . s'(G); dU = dh . s(G);
@@ -354,6 +374,7 @@ def swiglu_backward(
     with gate|up fused), with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
     Weights and their gradients in the stored (transposed) layout of ``swiglu_forward``.
     dout [C, H] (best: the first C rows of ``swiglu_dout_buffer``) -> dx [C, H].
+    ``fused``: the element-wise line by its compiled ``swiglu_grad`` (one pass).
     """
     x, bounds, gu, sig, h = cache
     if w_gate_up.ndim == 2:  # a single expert
@@ -383,17 +404,20 @@ def swiglu_backward(
         matmul_into(dout_p[lo:w], wd[e], dh[lo:w])  # dh = dout Wd
         # dWd^T += h^T dout
         weight_grad(h_t[:, lo:hi], dout[lo:hi], dw_down[e], overwrite, ws, key_dwd)
-    g, u = gu[:, :f], gu[:, f:]
     dgu_p = buffer(ws, key + "dgu", (rows + pad, 2 * f), dt, zero=True)  # [C + pad, 2F]
     dgu = dgu_p[:rows]  # [C, 2F]; the pad rows stay 0
-    dg, du = dgu[:, :f], dgu[:, f:]
-    np.multiply(g, sig, out=du)  # s(G) = G sigma(G)
-    np.subtract(1, sig, out=dg)
-    dg *= du
-    dg += sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G))) = sigma(G) + s(G) (1 - sigma(G))
-    dg *= u  # U . s'(G)
-    dgu2 = dgu.reshape(rows, 2, f)  # [C, 2, F]: both halves times dh in one contiguous pass
-    dgu2 *= dh[:rows, None]  # dG = dh . U . s'(G);  dU = dh . s(G)
+    if fused is not None:
+        fused.swiglu_grad(gu, sig, dh, dgu)  # the lines below, in one pass
+    else:
+        g, u = gu[:, :f], gu[:, f:]
+        dg, du = dgu[:, :f], dgu[:, f:]
+        np.multiply(g, sig, out=du)  # s(G) = G sigma(G)
+        np.subtract(1, sig, out=dg)
+        dg *= du
+        dg += sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G))) = sigma(G) + s(G) (1 - sigma(G))
+        dg *= u  # U . s'(G)
+        dgu2 = dgu.reshape(rows, 2, f)  # [C, 2, F]: both halves times dh in one pass
+        dgu2 *= dh[:rows, None]  # dG = dh . U . s'(G);  dU = dh . s(G)
     dx = buffer(ws, key + "dx", (rows + pad, hidden), dt)  # [C + pad, H]
     wgu = w_gate_up.transpose(0, 2, 1)  # [E, 2F, H] each expert's [Wg; Wu] (views)
     x_t = x.T  # [H, C]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import (
+    FusedBackward,
     SwiGLUCache,
     expert_bounds,
     matmul_into,
@@ -267,9 +268,11 @@ def moe_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """MoE backward: dy_tk = w_tk dout_t (into expert k's backward); dw_tk = dout_t . y_tk;
     the gather's backward is a scatter-add of the experts' input gradients.
+    ``fused``: compiled element-wise lines for the experts (``layers.FusedBackward``).
     """
     x, routing, tokens, gate, ys, experts = cache
     n, hidden = x.shape
@@ -283,7 +286,16 @@ def moe_backward(
     dgate = np.vecdot(dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
     dys *= gate[:, None]  # dy_tk = w_tk dout_t
     dxs = swiglu_backward(
-        dys, experts, w.gate_up, w.down, dw.gate_up, dw.down, ws, ekey, overwrite=overwrite
+        dys,
+        experts,
+        w.gate_up,
+        w.down,
+        dw.gate_up,
+        dw.down,
+        ws,
+        ekey,
+        overwrite=overwrite,
+        fused=fused,
     )
     slots = buffer(ws, key + "dslots", (c, hidden), dt)
     slots[order] = dxs  # back to (slot, token) order

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..model.layers import FusedBackward
+
 # AdamW on buffers smaller than this runs on one thread: waking the second costs more
 # than it saves there (measured on 2 cores, tiny config, 542,528 parameters, buffers
 # not in cache: median 287 us on one thread, 333 us on two), and a parallel pass waits
@@ -69,7 +71,47 @@ def _compiled() -> dict[str, Callable[..., Any]]:
             total += x * x
         return total
 
-    return {"adamw": adamw, "sum_squares": sum_squares}
+    @nb.njit(cache=True)  # fastmath off: the reference's operations, one rounding each
+    def rmsnorm_backward_rows(dy, x, r, gain, dgain, dx, overwrite):  # pragma: no cover
+        # layers.rmsnorm_backward in one pass per row: xn = x r; a = dy . g;
+        # dx = r (a - xn mean(a . xn)); dg (+)= sum over rows of dy . xn
+        n, h = x.shape
+        inv_h = x.dtype.type(1.0 / h)
+        if overwrite:
+            dgain[:] = 0
+        for i in range(n):
+            ri = r[i, 0]
+            proj = x.dtype.type(0.0)
+            for j in range(h):
+                xn = x[i, j] * ri
+                a = dy[i, j] * gain[j]
+                dx[i, j] = a
+                proj += a * xn  # sum(a . xn)
+                dgain[j] += dy[i, j] * xn
+            proj *= inv_h  # mean(a . xn)
+            for j in range(h):
+                dx[i, j] = (dx[i, j] - (x[i, j] * ri) * proj) * ri
+
+    @nb.njit(cache=True)  # fastmath off: the reference's operations in its order
+    def swiglu_grad_rows(gu, sig, dh, dgu):  # pragma: no cover
+        # layers.swiglu_backward's element-wise line: dG = dh . U . s'(G), dU = dh . s(G),
+        # s'(G) = sigma(G) + s(G) (1 - sigma(G)), s(G) = G sigma(G); gu = [G | U]
+        rows, f = sig.shape
+        one = sig.dtype.type(1.0)
+        for i in range(rows):
+            for j in range(f):
+                s = sig[i, j]
+                silu = gu[i, j] * s
+                d = dh[i, j]
+                dgu[i, j] = ((((one - s) * silu) + s) * gu[i, f + j]) * d
+                dgu[i, f + j] = silu * d
+
+    return {
+        "adamw": adamw,
+        "sum_squares": sum_squares,
+        "rmsnorm_backward": rmsnorm_backward_rows,
+        "swiglu_grad": swiglu_grad_rows,
+    }
 
 
 def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t, grad_scale=1.0) -> None:  # type: ignore[no-untyped-def]
@@ -93,3 +135,12 @@ def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t, grad_s
 def global_norm_fused(flat) -> float:  # type: ignore[no-untyped-def]
     """``optim.global_norm`` in one pass, accumulated in float64."""
     return math.sqrt(float(_compiled()["sum_squares"](flat)))
+
+
+def fused_backward() -> FusedBackward:
+    """The compiled element-wise backward passes the model's backward takes
+    (``MoETransformer.backward(..., fused=...)``): RMSNorm's backward in one pass per row,
+    and the SwiGLU derivative line in one pass instead of six. The NumPy code in
+    ``nn_core.model.layers`` is the reference; tests hold them equal to rounding."""
+    k = _compiled()
+    return FusedBackward(k["rmsnorm_backward"], k["swiglu_grad"])
