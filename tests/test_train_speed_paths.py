@@ -142,3 +142,92 @@ def test_rmsnorm_gain_gradient_is_the_sum_over_rows_written_or_added():
     rmsnorm_backward(dy, cache, gain, added)
     np.testing.assert_allclose(written, (dy * xn).sum(axis=0), rtol=1e-13)
     np.testing.assert_allclose(added, start + (dy * xn).sum(axis=0), rtol=1e-13)
+
+
+# ------------------------------------------------------------------ compiled backward lines
+
+
+def test_fused_swiglu_line_equals_the_numpy_lines():
+    """The compiled SwiGLU derivative line does the reference's operations in its order."""
+    from nn_core.training.kernels import fused_backward
+
+    fused = fused_backward()
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(11)
+        wgu, wd = experts(rng, dtype)
+        counts = [4, 2, 0, 7]
+        x = rng.standard_normal((13, 6)).astype(dtype) * 3  # saturated gates too
+        _, cache = swiglu_forward(x, wgu, wd, counts)
+        dout = rng.standard_normal((13, 6)).astype(dtype)
+        runs = []
+        for f in (None, fused):
+            dwgu, dwd = np.zeros_like(wgu), np.zeros_like(wd)
+            dx = swiglu_backward(dout, cache, wgu, wd, dwgu, dwd, Workspace(), "e.", fused=f)
+            runs.append((dx, dwgu, dwd))
+        ulp = np.finfo(dtype).eps
+        for a, b in zip(*runs):
+            # the same operations; a compiler may still fuse a multiply-add (one rounding)
+            np.testing.assert_allclose(b, a, rtol=8 * ulp, atol=8 * ulp * np.abs(a).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_fused_rmsnorm_backward_equals_the_numpy_reference(dtype, overwrite):
+    from nn_core.training.kernels import fused_backward
+
+    rng = np.random.default_rng(12)
+    x, gain = rng.standard_normal((10, 33)).astype(dtype), rng.standard_normal(33).astype(dtype)
+    dy = rng.standard_normal((10, 33)).astype(dtype)
+    _, cache = rmsnorm_forward(x, gain, 1e-6)
+    start = rng.standard_normal(33).astype(dtype)
+    ref_g, fused_g = start.copy(), start.copy()
+    ref = rmsnorm_backward(dy, cache, gain, ref_g, overwrite=overwrite)
+    out = rmsnorm_backward(
+        dy, cache, gain, fused_g, Workspace(), "n.", overwrite=overwrite, fused=fused_backward()
+    )
+    # sums over 33 terms in another order: a few units of the dtype's rounding
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * np.abs(ref).max())
+    np.testing.assert_allclose(fused_g, ref_g, rtol=tol, atol=tol * np.abs(ref_g).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_model_backward_with_fused_lines_equals_the_numpy_backward(dtype):
+    """The whole gradient, float64 to 1e-12 (so the float64 gradient checks of the NumPy
+    backward carry over) and float32 to its rounding."""
+    from nn_core import Config, MoETransformer
+    from nn_core.training.kernels import fused_backward
+
+    model = MoETransformer(Config.tiny(), seed=5, dtype=dtype)
+    rng = np.random.default_rng(0)
+    ids, tgt = rng.integers(0, 1000, (2, 8)), rng.integers(0, 1000, (2, 8))
+    grads = []
+    for fused in (None, fused_backward()):
+        state = model.forward_loss(ids, tgt, 0.05)
+        model.backward(state, zero_grad=True, fused=fused)
+        grads.append(model.flat_grads.copy())
+    assert grads[0].any()
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(grads[1], grads[0], rtol=tol, atol=tol * np.abs(grads[0]).max())
+
+
+def test_trainer_hands_the_fused_lines_to_the_backward_only_with_numba_kernels(monkeypatch):
+    from nn_core import Config, MoETransformer, TrainConfig, Trainer
+
+    seen = []
+    for kernels in ("numpy", "numba"):
+        model = MoETransformer(Config.tiny(), seed=0)
+        original = model.backward
+
+        def spy(state, _original=original, **kw):
+            seen.append(kw.get("fused"))
+            return _original(state, **kw)
+
+        monkeypatch.setattr(model, "backward", spy)
+        trainer = Trainer(model, TrainConfig(kernels=kernels, grad_accum_steps=1))
+        ids = np.arange(16).reshape(2, 8)
+        trainer.train_step(ids, (ids + 1) % 1000)
+        accum = Trainer(model, TrainConfig(kernels=kernels, grad_accum_steps=2))
+        accum.train_step(ids, (ids + 1) % 1000)
+    assert seen[:3] == [None, None, None]
+    assert all(f is not None for f in seen[3:]) and len(seen) == 6
