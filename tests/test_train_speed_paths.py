@@ -32,8 +32,9 @@ def experts(rng, dtype, e=4, h=6, f=8):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_swiglu_backward_reads_its_gradient_in_place_or_copies_it(dtype, overwrite):
-    """dout written into ``swiglu_dout_buffer`` (what moe_backward does) and dout given as
-    an array of its own (copied into that buffer) give the same gradients, bit for bit,
+    """dout written into a ``swiglu_dout_buffer`` handed over as ``dout_padded`` (what
+    moe_backward does) and dout given as an array of its own (copied into the workspace's
+    buffer, even when that buffer already exists) give the same gradients, bit for bit,
     and the buffer's pad rows stay zero: the padded row windows read them."""
     rng = np.random.default_rng(7)
     wgu, wd = experts(rng, dtype)
@@ -57,7 +58,18 @@ def test_swiglu_backward_reads_its_gradient_in_place_or_copies_it(dtype, overwri
                 buf[:rows] = 123.0  # stale rows must be replaced by the copy
                 arg = dout
             dwgu[...], dwd[...] = g0, d0
-            dx = swiglu_backward(arg, cache, wgu, wd, dwgu, dwd, ws, "e.", overwrite=overwrite)
+            dx = swiglu_backward(
+                arg,
+                cache,
+                wgu,
+                wd,
+                dwgu,
+                dwd,
+                ws,
+                "e.",
+                overwrite=overwrite,
+                dout_padded=buf if in_place else None,
+            )
             assert buf.shape == (rows + ROW_BLOCK - 1, 6)
             assert not buf[rows:].any()  # the pad rows
         results.append((dx.copy(), dwgu.copy(), dwd.copy()))

@@ -350,8 +350,8 @@ def swiglu_dout_buffer(
     rows: int, hidden: int, dtype: np.dtype, ws: Workspace | None = None, key: str = ""
 ) -> np.ndarray:
     """The buffer ``swiglu_backward`` reads its upstream gradient from: [C + ROW_BLOCK - 1,
-    H], the rows past C zero. A caller that writes dout into its first C rows (and passes
-    that view) saves ``swiglu_backward`` a copy."""
+    H], the rows past C zero. A caller that writes dout into its first C rows (and hands
+    the buffer over as ``dout_padded``) saves ``swiglu_backward`` a copy."""
     return buffer(ws, key + "dout", (rows + ROW_BLOCK - 1, hidden), dtype, zero=True)
 
 
@@ -367,14 +367,16 @@ def swiglu_backward(
     *,
     overwrite: bool = False,
     fused: FusedBackward | None = None,
+    dout_padded: np.ndarray | None = None,
 ) -> np.ndarray:
     """SwiGLU backward, per expert for the products:
     dh = dout Wd; dWd += dout^T h; dG = dh . U . s'(G); dU = dh . s(G);
     dx = dG Wg + dU Wu = [dG dU] [Wg; Wu]; dWg += dG^T x; dWu += dU^T x (one product each
     with gate|up fused), with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
     Weights and their gradients in the stored (transposed) layout of ``swiglu_forward``.
-    dout [C, H] (best: the first C rows of ``swiglu_dout_buffer``) -> dx [C, H].
-    ``fused``: the element-wise line by its compiled ``swiglu_grad`` (one pass).
+    dout [C, H] -> dx [C, H]. ``dout_padded``: a ``swiglu_dout_buffer`` whose first C
+    rows are dout (the caller gathered it there): used as it is, dout is not copied.
+    ``fused``: the element-wise line by its compiled ``swiglu_grad``.
     """
     x, bounds, gu, sig, h = cache
     if w_gate_up.ndim == 2:  # a single expert
@@ -391,8 +393,9 @@ def swiglu_backward(
     # windows: the buffers carry ROW_BLOCK - 1 zero rows past the end, and a window's
     # extra rows (the next expert's, computed again in its turn) are overwritten later.
     pad = ROW_BLOCK - 1
-    dout_p = swiglu_dout_buffer(rows, hidden, dt, ws, key)  # [C + pad, H]
-    if dout.base is not dout_p:  # not already written there by the caller
+    dout_p = dout_padded  # [C + pad, H]
+    if dout_p is None:
+        dout_p = swiglu_dout_buffer(rows, hidden, dt, ws, key)
         np.copyto(dout_p[:rows], dout)
     dout = dout_p[:rows]
     dh = buffer(ws, key + "dh", (rows + pad, f), dt)  # [C + pad, F]

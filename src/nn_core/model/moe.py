@@ -282,7 +282,8 @@ def moe_backward(
     order = routing.order
     ekey = key + "experts."
     # dout_t of each sorted assignment, gathered straight into the experts' input buffer
-    dys = dout.take(tokens, axis=0, out=swiglu_dout_buffer(c, hidden, dt, ws, ekey)[:c])
+    dys_p = swiglu_dout_buffer(c, hidden, dt, ws, ekey)  # [C + pad, H]
+    dys = dout.take(tokens, axis=0, out=dys_p[:c])
     dgate = np.vecdot(dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
     dys *= gate[:, None]  # dy_tk = w_tk dout_t
     dxs = swiglu_backward(
@@ -296,6 +297,7 @@ def moe_backward(
         ekey,
         overwrite=overwrite,
         fused=fused,
+        dout_padded=dys_p,  # dys is its first C rows
     )
     slots = buffer(ws, key + "dslots", (c, hidden), dt)
     slots[order] = dxs  # back to (slot, token) order
