@@ -223,6 +223,31 @@ def test_model_backward_with_fused_lines_equals_the_numpy_backward(dtype):
     np.testing.assert_allclose(grads[1], grads[0], rtol=tol, atol=tol * np.abs(grads[0]).max())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_fused_router_lines_equal_the_numpy_reference(dtype, alpha):
+    from nn_core.training.kernels import fused_backward
+
+    rng = np.random.default_rng(13)
+    n, e, h, top_k = 12, 6, 5, 3
+    x = rng.standard_normal((n, h)).astype(dtype)
+    w_router = rng.standard_normal((e, h)).astype(dtype)
+    routing = router_forward(x, w_router, top_k, Workspace(), "r.")
+    dweights = rng.standard_normal((n, top_k)).astype(dtype)
+    for fractions in (None, rng.random(e)):
+        runs = []
+        for fused in (None, fused_backward()):
+            dw = np.zeros_like(w_router)
+            dx = router_backward(
+                dweights, routing, x, w_router, dw, alpha, fractions, Workspace(), "r.", fused=fused
+            )
+            runs.append((dx, dw))
+        # the same operations in the same order (sums over K and E are sequential in both)
+        ulp = np.finfo(dtype).eps
+        for a, b in zip(*runs):
+            np.testing.assert_allclose(b, a, rtol=16 * ulp, atol=16 * ulp * np.abs(a).max())
+
+
 def test_trainer_hands_the_fused_lines_to_the_backward_only_with_numba_kernels(monkeypatch):
     from nn_core import Config, MoETransformer, TrainConfig, Trainer
 

@@ -28,13 +28,16 @@ from .workspace import Workspace, buffer
 class FusedBackward(NamedTuple):
     """Compiled one-pass versions of element-wise backward lines, handed in by the caller
     (the trainer's ``nn_core.training.kernels.fused_backward``; the model imports no
-    compiler). The NumPy code of ``rmsnorm_backward`` and ``swiglu_backward`` is the
-    reference they are tested against."""
+    compiler). The NumPy code of ``rmsnorm_backward``, ``swiglu_backward`` and
+    ``moe.router_backward`` is the reference they are tested against."""
 
     # (dy, x, r, gain, dgain, dx, overwrite): RMSNorm backward, dx [N, H] written
     rmsnorm: Callable[..., None]
     # (gu [C, 2F], sig [C, F], dh [C, F], dgu [C, 2F]): dG = dh . U . s'(G), dU = dh . s(G)
     swiglu_grad: Callable[..., None]
+    # (probs_t [E, N], top_t [K, N], kept_sum_t [1, N], weights_t, dweights_t [K, N],
+    # aux [E], dz_t [E, N]): moe.router_backward's lines from dweights to dz
+    router_grad: Callable[..., None]
 
 
 # ---------------------------------------------------------------------------- Embedding

@@ -185,6 +185,7 @@ def router_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """Router backward, through the renormalized top-k gate weights and the aux loss.
 
@@ -192,27 +193,34 @@ def router_backward(
     Aux loss (f_e constant): dp_te += alpha E f_e / N.
     Router: dz = softmax backward of the summed dp; dWr += dz^T x; dx = dz Wr.
     dweights [N, K] -> dx [N, H]. Computed with experts along rows, as the forward.
+    ``fused``: the lines from dweights to dz by its compiled ``router_grad`` (one pass).
     """
     probs, top_idx, kept_sum, weights = routing[:4]
     n, n_experts = probs.shape
-    dweights_t, weights_t = dweights.T, weights.T  # [K, N]
-    dkept_t = weights_t * dweights_t  # w_j dw_j   [K, N]
-    # dp_k = (dw_k - sum_j w_j dw_j) / S
-    np.subtract(dweights_t, np.add.reduce(dkept_t, 0, None, None, keepdims=True), out=dkept_t)
-    dkept_t /= kept_sum.T
-    dprobs_t = buffer(ws, key + "dprobs_t", (n_experts, n), x.dtype)  # dprobs^T   [E, N]
+    dz_t = buffer(ws, key + "dprobs_t", (n_experts, n), x.dtype)  # dprobs^T, then dz^T [E, N]
+    aux = None  # Aux loss: dp_te += alpha E f_e / N (the float64 value cast to the dtype once)
     if alpha:
         f = expert_fractions(routing) if fractions is None else fractions  # [E]
-        # the same float64 value cast to the dtype once
-        np.copyto(dprobs_t, (alpha * n_experts / n * f)[:, None], casting="same_kind")
+        aux = (alpha * n_experts / n * f).astype(x.dtype)
+    if fused is not None:  # the lines below, in one pass
+        aux = np.zeros(n_experts, x.dtype) if aux is None else aux
+        fused.router_grad(probs.T, top_idx.T, kept_sum.T, weights.T, dweights.T, aux, dz_t)
     else:
-        dprobs_t.fill(0)  # 0 outside the kept experts
-    # the kept (expert, token) entries, as flat indices e*N + t   [K, N]; distinct per token
-    kept = top_idx.T * n
-    kept += np.arange(n)
-    flat = dprobs_t.reshape(-1)
-    flat[kept] += dkept_t
-    dz_t = softmax_backward(dprobs_t, probs.T, axis=0, out=dprobs_t)  # [E, N]
+        dweights_t, weights_t = dweights.T, weights.T  # [K, N]
+        dkept_t = weights_t * dweights_t  # w_j dw_j   [K, N]
+        # dp_k = (dw_k - sum_j w_j dw_j) / S
+        np.subtract(dweights_t, np.add.reduce(dkept_t, 0, None, None, keepdims=True), out=dkept_t)
+        dkept_t /= kept_sum.T
+        if aux is None:
+            dz_t.fill(0)  # 0 outside the kept experts
+        else:
+            np.copyto(dz_t, aux[:, None])
+        # the kept (expert, token) entries, as flat indices e*N + t   [K, N]; distinct per token
+        kept = top_idx.T * n
+        kept += np.arange(n)
+        flat = dz_t.reshape(-1)
+        flat[kept] += dkept_t
+        softmax_backward(dz_t, probs.T, axis=0, out=dz_t)  # dz^T   [E, N]
     weight_grad(dz_t, x, dw_router, overwrite, ws, key + "dw")  # dWr += dz^T x   [E, H]
     return matmul_into(dz_t.T, w_router, buffer(ws, key + "dx", x.shape, x.dtype))  # [N, H]
 
@@ -314,6 +322,7 @@ def moe_backward(
         ws,
         key + "router.",
         overwrite=overwrite,
+        fused=fused,
     )
     for k in range(top_k):  # the scatter-add over slots
         dx += slots[k * n : (k + 1) * n]

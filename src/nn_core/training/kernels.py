@@ -106,11 +106,35 @@ def _compiled() -> dict[str, Callable[..., Any]]:
                 dgu[i, j] = ((((one - s) * silu) + s) * gu[i, f + j]) * d
                 dgu[i, f + j] = silu * d
 
+    @nb.njit(cache=True)  # fastmath off: the reference's operations in its order
+    def router_grad_rows(
+        probs_t, top_t, kept_sum_t, weights_t, dweights_t, aux, dz_t
+    ):  # pragma: no cover
+        # moe.router_backward's element-wise lines, token by token (column t):
+        # dp = aux + at the kept experts (dw_k - sum_j w_j dw_j) / S; dz = p (dp - p . dp)
+        n_experts, n = probs_t.shape
+        top_k = top_t.shape[0]
+        zero = probs_t.dtype.type(0.0)
+        for t in range(n):
+            wdw = zero
+            for k in range(top_k):
+                wdw += weights_t[k, t] * dweights_t[k, t]  # sum_j w_j dw_j
+            for e in range(n_experts):
+                dz_t[e, t] = aux[e]  # aux loss: alpha E f_e / N
+            for k in range(top_k):  # renormalized top-k: dp_k = (dw_k - sum_j w_j dw_j) / S
+                dz_t[top_t[k, t], t] += (dweights_t[k, t] - wdw) / kept_sum_t[0, t]
+            dot = zero
+            for e in range(n_experts):
+                dot += probs_t[e, t] * dz_t[e, t]  # sum_e p_e dp_e
+            for e in range(n_experts):
+                dz_t[e, t] = (dz_t[e, t] - dot) * probs_t[e, t]  # softmax backward
+
     return {
         "adamw": adamw,
         "sum_squares": sum_squares,
         "rmsnorm_backward": rmsnorm_backward_rows,
         "swiglu_grad": swiglu_grad_rows,
+        "router_grad": router_grad_rows,
     }
 
 
@@ -140,7 +164,9 @@ def global_norm_fused(flat) -> float:  # type: ignore[no-untyped-def]
 def fused_backward() -> FusedBackward:
     """The compiled element-wise backward passes the model's backward takes
     (``MoETransformer.backward(..., fused=...)``): RMSNorm's backward in one pass per row,
-    and the SwiGLU derivative line in one pass instead of six. The NumPy code in
-    ``nn_core.model.layers`` is the reference; tests hold them equal to rounding."""
+    the SwiGLU derivative line in one pass instead of six, and the router's lines between
+    its two products (top-k, aux and softmax backward) in one pass instead of about ten.
+    The NumPy code in ``nn_core.model`` is the reference; tests hold them equal to
+    rounding."""
     k = _compiled()
-    return FusedBackward(k["rmsnorm_backward"], k["swiglu_grad"])
+    return FusedBackward(k["rmsnorm_backward"], k["swiglu_grad"], k["router_grad"])
