@@ -24,7 +24,7 @@ from .attention import (
     attention_step_buffers,
 )
 from .config import Config
-from .layers import RMSNormCache, rmsnorm_backward, rmsnorm_forward, rmsnorm_into
+from .layers import FusedBackward, RMSNormCache, rmsnorm_backward, rmsnorm_forward, rmsnorm_into
 from .moe import (
     FEW_ASSIGNMENTS,
     MoECache,
@@ -159,17 +159,30 @@ def block_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """Block backward, each sublayer's backward before its norm's:
     dh = dout + n2_backward(M_backward(dout)); dx = dh + n1_backward(A_backward(dh)).
     ``fractions``: the aux loss's f_e [E] if not this batch's own (see moe.aux_loss).
     ``overwrite``: write the parameter gradients instead of adding them (layers.py).
+    ``fused``: compiled element-wise lines (``layers.FusedBackward``), None for NumPy.
     """
     ow = overwrite
     dm = moe_backward(
-        dout, cache.moe, w.moe, dw.moe, alpha, fractions, ws, key + "moe.", overwrite=ow
+        dout,
+        cache.moe,
+        w.moe,
+        dw.moe,
+        alpha,
+        fractions,
+        ws,
+        key + "moe.",
+        overwrite=ow,
+        fused=fused,
     )
-    dh = rmsnorm_backward(dm, cache.n2, w.ffn_norm, dw.ffn_norm, ws, key + "n2.", overwrite=ow)
+    dh = rmsnorm_backward(
+        dm, cache.n2, w.ffn_norm, dw.ffn_norm, ws, key + "n2.", overwrite=ow, fused=fused
+    )
     dh += dout
     da = attention_backward(
         dh,
@@ -185,6 +198,8 @@ def block_backward(
         key + "attn.",
         overwrite=ow,
     )
-    dx = rmsnorm_backward(da, cache.n1, w.attn_norm, dw.attn_norm, ws, key + "n1.", overwrite=ow)
+    dx = rmsnorm_backward(
+        da, cache.n1, w.attn_norm, dw.attn_norm, ws, key + "n1.", overwrite=ow, fused=fused
+    )
     dx += dh
     return dx

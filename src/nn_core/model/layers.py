@@ -16,12 +16,29 @@ output is a fresh array.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from .tensor import dtype_scalar, sigmoid
 from .workspace import Workspace, buffer
+
+
+class FusedBackward(NamedTuple):
+    """Compiled one-pass versions of element-wise backward lines, handed in by the caller
+    (the trainer's ``nn_core.training.kernels.fused_backward``; the model imports no
+    compiler). The NumPy code of ``rmsnorm_backward``, ``swiglu_backward`` and
+    ``moe.router_backward`` is the reference they are tested against."""
+
+    # (dy, x, r, gain, dgain, dx, overwrite): RMSNorm backward, dx [N, H] written
+    rmsnorm: Callable[..., None]
+    # (gu [C, 2F], sig [C, F], dh [C, F], dgu [C, 2F]): dG = dh . U . s'(G), dU = dh . s(G)
+    swiglu_grad: Callable[..., None]
+    # (probs_t [E, N], top_t [K, N], kept_sum_t [1, N], weights_t, dweights_t [K, N],
+    # aux [E], dz_t [E, N]): moe.router_backward's lines from dweights to dz
+    router_grad: Callable[..., None]
+
 
 # ---------------------------------------------------------------------------- Embedding
 
@@ -128,21 +145,26 @@ def rmsnorm_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """RMSNorm backward, per row with r = (mean(x^2) + eps)^(-1/2):
     a = dy . g;  dx = r . a - x . r^3 . (sum_j a_j x_j) / H;  dg = sum over rows of dy . x . r.
 
     (x . r^3 . sum(a x) / H equals xn . r . mean(a . xn) with xn = x . r, which is how it
-    is computed.) Returns dx [N, H].
+    is computed.) Returns dx [N, H]. ``fused``: the same lines by its compiled ``rmsnorm``.
     """
     x, r = cache
     n, h = x.shape
+    if fused is not None:
+        dx = buffer(ws, key + "dx", x.shape, x.dtype)
+        fused.rmsnorm(dy, x, r, gain, dgain, dx, overwrite)
+        return dx
     xn = buffer(ws, key + "xn", x.shape, x.dtype)
     np.multiply(x, r, out=xn)  # [N, H] normalized input
     if overwrite:  # dg = sum over rows of dy . xn   [H]
-        np.einsum("nh,nh->h", dy, xn, out=dgain)
+        np.vecdot(dy.T, xn.T, out=dgain)
     else:
-        dgain += np.einsum("nh,nh->h", dy, xn)
+        dgain += np.vecdot(dy.T, xn.T)
     a = buffer(ws, key + "dx", x.shape, x.dtype)
     np.multiply(dy, gain, out=a)  # a = dy . g   [N, H]
     proj = buffer(ws, key + "proj", (n, 1), x.dtype)
@@ -176,10 +198,12 @@ def weight_grad(
             np.multiply(a, b, out=dw)
         else:
             dw += np.multiply(a, b, out=buffer(ws, key, dw.shape, dw.dtype))
-    elif overwrite:
-        np.matmul(a, b, out=dw)
+    elif not overwrite:
+        dw += matmul_into(a, b, buffer(ws, key, dw.shape, dw.dtype))
+    elif dw.flags.c_contiguous:  # every gradient view of the flat buffer
+        matmul_into(a, b, dw)
     else:
-        dw += np.matmul(a, b, out=buffer(ws, key, dw.shape, dw.dtype))
+        np.matmul(a, b, out=dw)
 
 
 def linear_forward(
@@ -228,8 +252,7 @@ def linear_backward(
     dy [N, out], x [N, in], w_t / dw_t = W^T / dW^T [in, out] -> dx [N, in].
     """
     weight_grad(x.T, dy, dw_t, overwrite, ws, key + "dw")  # dW^T += X^T dY
-    dx = buffer(ws, key + "dx", x.shape, x.dtype)
-    return np.matmul(dy, w_t.T, out=dx)
+    return matmul_into(dy, w_t.T, buffer(ws, key + "dx", x.shape, x.dtype))  # dX = dY W
 
 
 # ---------------------------------------------------------------------------- SwiGLU experts
@@ -326,6 +349,15 @@ def _row_window(lo: int, hi: int) -> int:
     return hi if n == 1 else lo + -(-n // ROW_BLOCK) * ROW_BLOCK
 
 
+def swiglu_dout_buffer(
+    rows: int, hidden: int, dtype: np.dtype, ws: Workspace | None = None, key: str = ""
+) -> np.ndarray:
+    """The buffer ``swiglu_backward`` reads its upstream gradient from: [C + ROW_BLOCK - 1,
+    H], the rows past C zero. A caller that writes dout into its first C rows (and hands
+    the buffer over as ``dout_padded``) saves ``swiglu_backward`` a copy."""
+    return buffer(ws, key + "dout", (rows + ROW_BLOCK - 1, hidden), dtype, zero=True)
+
+
 def swiglu_backward(
     dout: np.ndarray,
     cache: SwiGLUCache,
@@ -337,12 +369,17 @@ def swiglu_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
+    dout_padded: np.ndarray | None = None,
 ) -> np.ndarray:
     """SwiGLU backward, per expert for the products:
     dh = dout Wd; dWd += dout^T h; dG = dh . U . s'(G); dU = dh . s(G);
     dx = dG Wg + dU Wu = [dG dU] [Wg; Wu]; dWg += dG^T x; dWu += dU^T x (one product each
     with gate|up fused), with the SiLU derivative s'(x) = sigma(x) (1 + x (1 - sigma(x))).
     Weights and their gradients in the stored (transposed) layout of ``swiglu_forward``.
+    dout [C, H] -> dx [C, H]. ``dout_padded``: a ``swiglu_dout_buffer`` whose first C
+    rows are dout (the caller gathered it there): used as it is, dout is not copied.
+    ``fused``: the element-wise line by its compiled ``swiglu_grad``.
     """
     x, bounds, gu, sig, h = cache
     if w_gate_up.ndim == 2:  # a single expert
@@ -359,29 +396,40 @@ def swiglu_backward(
     # windows: the buffers carry ROW_BLOCK - 1 zero rows past the end, and a window's
     # extra rows (the next expert's, computed again in its turn) are overwritten later.
     pad = ROW_BLOCK - 1
-    dout_p = buffer(ws, key + "dout", (rows + pad, hidden), dt, zero=True)  # [C + pad, H]
-    dout_p[:rows] = dout
+    dout_p = dout_padded  # [C + pad, H]
+    if dout_p is None:
+        dout_p = swiglu_dout_buffer(rows, hidden, dt, ws, key)
+        np.copyto(dout_p[:rows], dout)
+    dout = dout_p[:rows]
     dh = buffer(ws, key + "dh", (rows + pad, f), dt)  # [C + pad, F]
-    for e, lo, hi in bounds:
-        w = _row_window(lo, hi)
-        np.matmul(dout_p[lo:w], w_down[e].T, out=dh[lo:w])  # dh = dout Wd
+    wd = w_down.transpose(0, 2, 1)  # [E, H, F] each expert's Wd (views)
+    h_t = h.T  # [F, C]
+    windows = [(e, lo, hi, _row_window(lo, hi)) for e, lo, hi in bounds]
+    key_dwd = key + "dwd"
+    for e, lo, hi, w in windows:
+        matmul_into(dout_p[lo:w], wd[e], dh[lo:w])  # dh = dout Wd
         # dWd^T += h^T dout
-        weight_grad(h[lo:hi].T, dout[lo:hi], dw_down[e], overwrite, ws, key + "dwd")
-    g, u = gu[:, :f], gu[:, f:]
+        weight_grad(h_t[:, lo:hi], dout[lo:hi], dw_down[e], overwrite, ws, key_dwd)
     dgu_p = buffer(ws, key + "dgu", (rows + pad, 2 * f), dt, zero=True)  # [C + pad, 2F]
     dgu = dgu_p[:rows]  # [C, 2F]; the pad rows stay 0
-    dg, du = dgu[:, :f], dgu[:, f:]
-    np.multiply(g, sig, out=du)  # s(G) = G sigma(G)
-    np.subtract(1, sig, out=dg)
-    dg *= du
-    dg += sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G))) = sigma(G) + s(G) (1 - sigma(G))
-    dg *= u  # U . s'(G)
-    dgu2 = dgu.reshape(rows, 2, f)  # [C, 2, F]: both halves times dh in one contiguous pass
-    dgu2 *= dh[:rows, None]  # dG = dh . U . s'(G);  dU = dh . s(G)
+    if fused is not None:
+        fused.swiglu_grad(gu, sig, dh, dgu)  # the lines below, in one pass
+    else:
+        g, u = gu[:, :f], gu[:, f:]
+        dg, du = dgu[:, :f], dgu[:, f:]
+        np.multiply(g, sig, out=du)  # s(G) = G sigma(G)
+        np.subtract(1, sig, out=dg)
+        dg *= du
+        dg += sig  # s'(G) = sigma(G) (1 + G (1 - sigma(G))) = sigma(G) + s(G) (1 - sigma(G))
+        dg *= u  # U . s'(G)
+        dgu2 = dgu.reshape(rows, 2, f)  # [C, 2, F]: both halves times dh in one pass
+        dgu2 *= dh[:rows, None]  # dG = dh . U . s'(G);  dU = dh . s(G)
     dx = buffer(ws, key + "dx", (rows + pad, hidden), dt)  # [C + pad, H]
-    for e, lo, hi in bounds:
+    wgu = w_gate_up.transpose(0, 2, 1)  # [E, 2F, H] each expert's [Wg; Wu] (views)
+    x_t = x.T  # [H, C]
+    key_dwgu = key + "dwgu"
+    for e, lo, hi, w in windows:
         # [dWg dWu]^T += x^T [dG dU]
-        weight_grad(x[lo:hi].T, dgu[lo:hi], dw_gate_up[e], overwrite, ws, key + "dwgu")
-        w = _row_window(lo, hi)
-        np.matmul(dgu_p[lo:w], w_gate_up[e].T, out=dx[lo:w])  # dx = [dG dU] [Wg; Wu]
+        weight_grad(x_t[:, lo:hi], dgu[lo:hi], dw_gate_up[e], overwrite, ws, key_dwgu)
+        matmul_into(dgu_p[lo:w], wgu[e], dx[lo:w])  # dx = [dG dU] [Wg; Wu]
     return dx[:rows]

@@ -19,10 +19,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import (
+    FusedBackward,
     SwiGLUCache,
     expert_bounds,
     matmul_into,
     swiglu_backward,
+    swiglu_dout_buffer,
     swiglu_forward,
     swiglu_rows,
     weight_grad,
@@ -183,31 +185,44 @@ def router_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """Router backward, through the renormalized top-k gate weights and the aux loss.
 
     Renormalized top-k: dp_k = (dw_k - sum_{j in K} w_j dw_j) / S for k in K.
     Aux loss (f_e constant): dp_te += alpha E f_e / N.
     Router: dz = softmax backward of the summed dp; dWr += dz^T x; dx = dz Wr.
-    dweights [N, K] -> dx [N, H].
+    dweights [N, K] -> dx [N, H]. Computed with experts along rows, as the forward.
+    ``fused``: the lines from dweights to dz by its compiled ``router_grad`` (one pass).
     """
     probs, top_idx, kept_sum, weights = routing[:4]
     n, n_experts = probs.shape
-    dkept = dweights - np.add.reduce(weights * dweights, axis=1, keepdims=True)  # [N, K]
-    dkept /= kept_sum
-    # experts along rows, as in the forward: dprobs^T [E, N]
-    dprobs_t = buffer(ws, key + "dprobs_t", (n_experts, n), x.dtype)
+    dz_t = buffer(ws, key + "dprobs_t", (n_experts, n), x.dtype)  # dprobs^T, then dz^T [E, N]
+    aux = None  # Aux loss: dp_te += alpha E f_e / N (the float64 value cast to the dtype once)
     if alpha:
         f = expert_fractions(routing) if fractions is None else fractions  # [E]
-        dprobs_t[...] = (alpha * n_experts / n * f).astype(x.dtype)[:, None]
+        aux = (alpha * n_experts / n * f).astype(x.dtype)
+    if fused is not None:  # the lines below, in one pass
+        aux = np.zeros(n_experts, x.dtype) if aux is None else aux
+        fused.router_grad(probs.T, top_idx.T, kept_sum.T, weights.T, dweights.T, aux, dz_t)
     else:
-        dprobs_t.fill(0)  # 0 outside the kept experts
-    kept = (top_idx.T, np.arange(n))  # the kept (expert, token) entries   [K, N] each
-    dprobs_t[kept] += dkept.T
-    dz_t = softmax_backward(dprobs_t, probs.T, axis=0, out=dprobs_t)  # [E, N]
+        dweights_t, weights_t = dweights.T, weights.T  # [K, N]
+        dkept_t = weights_t * dweights_t  # w_j dw_j   [K, N]
+        # dp_k = (dw_k - sum_j w_j dw_j) / S
+        np.subtract(dweights_t, np.add.reduce(dkept_t, 0, None, None, keepdims=True), out=dkept_t)
+        dkept_t /= kept_sum.T
+        if aux is None:
+            dz_t.fill(0)  # 0 outside the kept experts
+        else:
+            np.copyto(dz_t, aux[:, None])
+        # the kept (expert, token) entries, as flat indices e*N + t   [K, N]; distinct per token
+        kept = top_idx.T * n
+        kept += np.arange(n)
+        flat = dz_t.reshape(-1)
+        flat[kept] += dkept_t
+        softmax_backward(dz_t, probs.T, axis=0, out=dz_t)  # dz^T   [E, N]
     weight_grad(dz_t, x, dw_router, overwrite, ws, key + "dw")  # dWr += dz^T x   [E, H]
-    dx = buffer(ws, key + "dx", x.shape, x.dtype)
-    return np.matmul(dz_t.T, w_router, out=dx)  # [N, H]
+    return matmul_into(dz_t.T, w_router, buffer(ws, key + "dx", x.shape, x.dtype))  # [N, H]
 
 
 # ---------------------------------------------------------------------------- MoE layer
@@ -261,36 +276,42 @@ def moe_backward(
     key: str = "",
     *,
     overwrite: bool = False,
+    fused: FusedBackward | None = None,
 ) -> np.ndarray:
     """MoE backward: dy_tk = w_tk dout_t (into expert k's backward); dw_tk = dout_t . y_tk;
     the gather's backward is a scatter-add of the experts' input gradients.
+    ``fused``: compiled element-wise lines for the experts (``layers.FusedBackward``).
     """
     x, routing, tokens, gate, ys, experts = cache
     n, hidden = x.shape
     top_k = routing.top_idx.shape[1]
     c = n * top_k
     dt = x.dtype
-    dys = np.take(dout, tokens, axis=0, out=buffer(ws, key + "dys", (c, hidden), dt))  # dout_t
+    order = routing.order
+    ekey = key + "experts."
+    # dout_t of each sorted assignment, gathered straight into the experts' input buffer
+    dys_p = swiglu_dout_buffer(c, hidden, dt, ws, ekey)  # [C + pad, H]
+    dys = dout.take(tokens, axis=0, out=dys_p[:c])
     dgate = np.vecdot(dys, ys)  # dw_tk = dout_t . y_tk   [C], sorted
     dys *= gate[:, None]  # dy_tk = w_tk dout_t
     dxs = swiglu_backward(
         dys,
-        cache.experts,
+        experts,
         w.gate_up,
         w.down,
         dw.gate_up,
         dw.down,
         ws,
-        key + "experts.",
+        ekey,
         overwrite=overwrite,
+        fused=fused,
+        dout_padded=dys_p,  # dys is its first C rows
     )
     slots = buffer(ws, key + "dslots", (c, hidden), dt)
-    slots[routing.order] = dxs  # back to (slot, token) order
-    dx = buffer(ws, key + "dx", (n, hidden), dt)
-    np.add.reduce(slots.reshape(top_k, n, hidden), axis=0, out=dx)  # scatter-add over slots
+    slots[order] = dxs  # back to (slot, token) order
     dweights_t = np.empty(c, dt)
-    dweights_t[routing.order] = dgate
-    dx += router_backward(
+    dweights_t[order] = dgate
+    dx = router_backward(
         dweights_t.reshape(top_k, n).T,
         routing,
         x,
@@ -301,7 +322,10 @@ def moe_backward(
         ws,
         key + "router.",
         overwrite=overwrite,
+        fused=fused,
     )
+    for k in range(top_k):  # the scatter-add over slots
+        dx += slots[k * n : (k + 1) * n]
     return dx
 
 

@@ -42,6 +42,7 @@ from .block import (
 )
 from .config import Config
 from .layers import (
+    FusedBackward,
     RMSNormCache,
     embedding_backward,
     embedding_forward,
@@ -492,13 +493,17 @@ class MoETransformer:
         scale: float = 1.0,
         fractions: np.ndarray | None = None,
         zero_grad: bool = False,
+        fused: FusedBackward | None = None,
     ) -> None:
         """Add the gradient of ``scale`` * (the state's loss) into ``flat_grads`` (into
         zeroed gradients with ``zero_grad``: then they hold exactly that gradient).
 
         ``fractions`` [L, E]: each layer's aux-loss f_e taken from a larger batch this one
-        is part of (data parallelism), instead of this batch's own. Gradient calls on one
-        model must not overlap in several threads (InUseError if they do).
+        is part of (data parallelism), instead of this batch's own. ``fused``: compiled
+        element-wise backward lines (``layers.FusedBackward``; the trainer hands in
+        ``nn_core.training.kernels.fused_backward()``), equal to the NumPy ones to
+        rounding. Gradient calls on one model must not overlap in several threads
+        (InUseError if they do).
         """
         if not isinstance(state, LossState):
             raise InputError(
@@ -516,7 +521,7 @@ class MoETransformer:
                 raise InputError(f"fractions must have shape {want}, got {fractions.shape}")
         with self._gradient_writer(), blas_threads(self.blas_threads_for(state.ids.size)):
             # zero_grad: every gradient is written, not added (no separate zero fill)
-            self._backward(state, float(scale), fractions, zero_grad)
+            self._backward(state, float(scale), fractions, zero_grad, fused)
 
     def _gradient_writer(self) -> _GradientWriter:
         return _GradientWriter(self._grad_lock)
@@ -527,6 +532,7 @@ class MoETransformer:
         scale: float,
         fractions: np.ndarray | None,
         overwrite: bool = False,
+        fused: FusedBackward | None = None,
     ) -> None:
         """The forward's call list in reverse, one line per layer.
 
@@ -554,6 +560,7 @@ class MoETransformer:
             ws,
             "final.",
             overwrite=ow,
+            fused=fused,
         )
         for i in reversed(range(self.config.n_layers)):
             key = self._layer_key(i, checkpoint)
@@ -575,6 +582,7 @@ class MoETransformer:
                 ws,
                 key,
                 overwrite=ow,
+                fused=fused,
             )
         embedding_backward(dx, ids.reshape(-1), grads["embed.weight"], overwrite=ow)
         ws.generation += 1  # the cross-entropy buffer was consumed: the state is spent

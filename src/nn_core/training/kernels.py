@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..model.layers import FusedBackward
+
 # AdamW on buffers smaller than this runs on one thread: waking the second costs more
 # than it saves there (measured on 2 cores, tiny config, 542,528 parameters, buffers
 # not in cache: median 287 us on one thread, 333 us on two), and a parallel pass waits
@@ -69,7 +71,71 @@ def _compiled() -> dict[str, Callable[..., Any]]:
             total += x * x
         return total
 
-    return {"adamw": adamw, "sum_squares": sum_squares}
+    @nb.njit(cache=True)  # fastmath off: the reference's operations, one rounding each
+    def rmsnorm_backward_rows(dy, x, r, gain, dgain, dx, overwrite):  # pragma: no cover
+        # layers.rmsnorm_backward in one pass per row: xn = x r; a = dy . g;
+        # dx = r (a - xn mean(a . xn)); dg (+)= sum over rows of dy . xn
+        n, h = x.shape
+        inv_h = x.dtype.type(1.0 / h)
+        if overwrite:
+            dgain[:] = 0
+        for i in range(n):
+            ri = r[i, 0]
+            proj = x.dtype.type(0.0)
+            for j in range(h):
+                xn = x[i, j] * ri
+                a = dy[i, j] * gain[j]
+                dx[i, j] = a
+                proj += a * xn  # sum(a . xn)
+                dgain[j] += dy[i, j] * xn
+            proj *= inv_h  # mean(a . xn)
+            for j in range(h):
+                dx[i, j] = (dx[i, j] - (x[i, j] * ri) * proj) * ri
+
+    @nb.njit(cache=True)  # fastmath off: the reference's operations in its order
+    def swiglu_grad_rows(gu, sig, dh, dgu):  # pragma: no cover
+        # layers.swiglu_backward's element-wise line: dG = dh . U . s'(G), dU = dh . s(G),
+        # s'(G) = sigma(G) + s(G) (1 - sigma(G)), s(G) = G sigma(G); gu = [G | U]
+        rows, f = sig.shape
+        one = sig.dtype.type(1.0)
+        for i in range(rows):
+            for j in range(f):
+                s = sig[i, j]
+                silu = gu[i, j] * s
+                d = dh[i, j]
+                dgu[i, j] = ((((one - s) * silu) + s) * gu[i, f + j]) * d
+                dgu[i, f + j] = silu * d
+
+    @nb.njit(cache=True)  # fastmath off: the reference's operations in its order
+    def router_grad_rows(
+        probs_t, top_t, kept_sum_t, weights_t, dweights_t, aux, dz_t
+    ):  # pragma: no cover
+        # moe.router_backward's element-wise lines, token by token (column t):
+        # dp = aux + at the kept experts (dw_k - sum_j w_j dw_j) / S; dz = p (dp - p . dp)
+        n_experts, n = probs_t.shape
+        top_k = top_t.shape[0]
+        zero = probs_t.dtype.type(0.0)
+        for t in range(n):
+            wdw = zero
+            for k in range(top_k):
+                wdw += weights_t[k, t] * dweights_t[k, t]  # sum_j w_j dw_j
+            for e in range(n_experts):
+                dz_t[e, t] = aux[e]  # aux loss: alpha E f_e / N
+            for k in range(top_k):  # renormalized top-k: dp_k = (dw_k - sum_j w_j dw_j) / S
+                dz_t[top_t[k, t], t] += (dweights_t[k, t] - wdw) / kept_sum_t[0, t]
+            dot = zero
+            for e in range(n_experts):
+                dot += probs_t[e, t] * dz_t[e, t]  # sum_e p_e dp_e
+            for e in range(n_experts):
+                dz_t[e, t] = (dz_t[e, t] - dot) * probs_t[e, t]  # softmax backward
+
+    return {
+        "adamw": adamw,
+        "sum_squares": sum_squares,
+        "rmsnorm_backward": rmsnorm_backward_rows,
+        "swiglu_grad": swiglu_grad_rows,
+        "router_grad": router_grad_rows,
+    }
 
 
 def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t, grad_scale=1.0) -> None:  # type: ignore[no-untyped-def]
@@ -93,3 +159,14 @@ def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t, grad_s
 def global_norm_fused(flat) -> float:  # type: ignore[no-untyped-def]
     """``optim.global_norm`` in one pass, accumulated in float64."""
     return math.sqrt(float(_compiled()["sum_squares"](flat)))
+
+
+def fused_backward() -> FusedBackward:
+    """The compiled element-wise backward passes the model's backward takes
+    (``MoETransformer.backward(..., fused=...)``): RMSNorm's backward in one pass per row,
+    the SwiGLU derivative line in one pass instead of six, and the router's lines between
+    its two products (top-k, aux and softmax backward) in one pass instead of about ten.
+    The NumPy code in ``nn_core.model`` is the reference; tests hold them equal to
+    rounding."""
+    k = _compiled()
+    return FusedBackward(k["rmsnorm_backward"], k["swiglu_grad"], k["router_grad"])

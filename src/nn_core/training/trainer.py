@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .optim import AdamW, clip_factor, get_lr, global_norm
 
 if TYPE_CHECKING:
+    from ..model.layers import FusedBackward
     from ..model.moe import Routing, RoutingStats
     from ..model.transformer import LossTerms, MoETransformer
     from .distributed import ProcessGroup
@@ -102,6 +103,7 @@ class Trainer:
             raise InputError("data_source must have state_dict() and load_state_dict()")
         self.model = model
         self.config = cfg
+        self._fused: FusedBackward | None = None  # compiled backward lines, from the 1st step
         if cfg.kernels == "numba":  # fused one-pass kernels; equal to the reference to rounding
             from .kernels import adamw_update_fused, global_norm_fused
 
@@ -164,10 +166,20 @@ class Trainer:
             cfg.aux_loss_weight,
             activation_checkpointing=cfg.activation_checkpointing,
         )
-        model.backward(state, zero_grad=True)
+        model.backward(state, zero_grad=True, fused=self._fused_backward())
         self.last_routing = state.routing
         self._routing_stats = None  # computed from last_routing when asked for
         return state.terms
+
+    def _fused_backward(self) -> FusedBackward | None:
+        """With ``kernels="numba"``: the compiled element-wise backward lines
+        (``kernels.fused_backward``), looked up at the first step (Numba is imported
+        then, as for AdamW, never when a trainer is built); None with ``"numpy"``."""
+        if self._fused is None and self.config.kernels == "numba":
+            from .kernels import fused_backward
+
+            self._fused = fused_backward()
+        return self._fused
 
     def _shards_gradient(self, token_ids: np.ndarray, targets: np.ndarray) -> LossTerms:
         """``_gradient`` over M = grad_accum_steps micro-batches and R ranks.
@@ -218,7 +230,13 @@ class Trainer:
                 micro_aux = aux_of(stats, cfg.aux_loss_weight)
                 micro_ce = ce_sum / stats[0].tokens
                 terms = LossTerms(micro_ce + micro_aux, micro_ce, micro_aux)
-            model.backward(state, scale=scale, fractions=fractions, zero_grad=m == 0)
+            model.backward(
+                state,
+                scale=scale,
+                fractions=fractions,
+                zero_grad=m == 0,
+                fused=self._fused_backward(),
+            )
             step_stats = stats if step_stats is None else sum_stats(step_stats, stats)
             total, ce, aux = total + terms.total, ce + terms.ce, aux + terms.aux
             self.last_routing = state.routing
