@@ -12,10 +12,12 @@ loss's expert fractions f_e replaced by those of a larger batch).
 
 Buffers: every call gets its arrays from a workspace kept per (thread, purpose, batch
 shape) (``nn_core.model.workspace``), so repeated calls allocate nothing but their
-results, and forwards in several threads never share a buffer. ``forward`` returns a
-fresh logits array. Gradients live in one shared flat buffer: gradient calls on one
-model must not overlap in several threads (a second one raises InUseError at once
-instead of mixing two gradients): use one model per thread.
+results, and forwards in several threads never share a buffer. A forward that no
+backward follows (``forward``, ``forward_cached``) runs every layer on one set of
+buffers; ``forward_loss`` keeps each layer's activations apart, for the backward.
+``forward`` returns a fresh logits array. Gradients live in one shared flat buffer:
+gradient calls on one model must not overlap in several threads (a second one raises
+InUseError at once instead of mixing two gradients): use one model per thread.
 """
 
 from __future__ import annotations
@@ -328,8 +330,8 @@ class MoETransformer:
         ws = self._workspace("forward", ids.shape)
         with blas_threads(self.blas_threads_for(ids.size)):
             x = embedding_forward(ids.reshape(-1), self.store.params["embed.weight"], ws, "embed.")
-            for i, w in enumerate(self._w):
-                x, _ = block_forward(x, batch, w, self.config, self.rope, ws=ws, key=f"l{i}.")
+            for w in self._w:  # no backward follows: every layer reuses one set of buffers
+                x, _ = block_forward(x, batch, w, self.config, self.rope, ws=ws, key="block.")
             return self._head(x, ws).reshape(batch, seq, -1)
 
     def _head(self, x: np.ndarray, ws: Workspace, out: np.ndarray | None = None) -> np.ndarray:
@@ -390,7 +392,7 @@ class MoETransformer:
             x = embedding_forward(ids.reshape(-1), self.store.params["embed.weight"], ws, "embed.")
             for i, w in enumerate(self._w):
                 kv = KVLayer(cache.k[i], cache.v[i])
-                x, _ = block_forward(x, batch, w, self.config, self.rope, start, kv, ws, f"l{i}.")
+                x, _ = block_forward(x, batch, w, self.config, self.rope, start, kv, ws, "block.")
             cache.length = start + seq
             return self._head(x, ws).reshape(batch, seq, -1)
 
