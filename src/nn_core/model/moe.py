@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import (
+    ROW_BLOCK,
     FusedBackward,
     SwiGLUCache,
     expert_bounds,
@@ -252,9 +253,13 @@ def moe_forward(
     routing = router_forward(x, w.router, top_k, ws, key + "router.")
     c = n * top_k
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
-    xs = x.take(tokens, axis=0, out=buffer(ws, key + "xs", (c, hidden), dt))  # gather
+    # gather, into a buffer with ROW_BLOCK - 1 zero rows past the C rows: the experts'
+    # products run on row windows padded to multiples of ROW_BLOCK (swiglu_rows)
+    pad = ROW_BLOCK - 1
+    xs_p = buffer(ws, key + "xs", (c + pad, hidden), dt, zero=True)  # [C + pad, H]
+    x.take(tokens, axis=0, out=xs_p[:c])  # gather
     ys, experts = swiglu_forward(
-        xs, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
+        xs_p, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
     )  # [C, H]
     gate = routing.weights.T.reshape(-1).take(routing.order)  # [C] w_k, sorted
     weighted = np.multiply(ys, gate[:, None], out=buffer(ws, key + "yw", (c, hidden), dt))
