@@ -105,15 +105,19 @@ def rmsnorm_into(
     One row may also come as x [H], r 0-d, y [H].
 
     Computed as r = sqrt(H) / sqrt(sum(x^2) + H eps) (the same value: four calls instead
-    of five). Returns y.
+    of five); for one row [H] that scalar is computed in Python floats (two NumPy calls
+    fewer than 0-d arrays take). Returns y.
     """
     h = x.shape[-1]
+    if x.ndim == 1:  # one row as [H] with r 0-d (decoding): r in Python floats, 1-D products
+        r.fill(math.sqrt(h) / math.sqrt(float(x.dot(x)) + h * eps))  # sum(x^2) by BLAS dot
+        np.multiply(x, gain, y)
+        np.multiply(y, r, y)  # y = x gamma r
+        return y
     consts = _RMS_CONSTANTS.get((h, eps, x.dtype))
     if consts is None:
         consts = _rms_constants(h, eps, x.dtype)
-    if x.ndim == 1:  # one row as [H] with r 0-d (decoding): no broadcasting below
-        x.dot(x, r)  # sum(x^2)
-    elif x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
+    if x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
         x.dot(x.T, r)  # sum(x^2)   [1, 1]
     else:
         np.vecdot(x, x, out=r, keepdims=True)  # type: ignore[call-overload]  # sum(x^2) [N, 1]
