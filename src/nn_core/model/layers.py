@@ -338,17 +338,18 @@ def swiglu_rows(
     f = h.shape[1]
     rows = sig.shape[0]
     shared = x.shape[0] == 1
-    padded = not shared and min(x.shape[0], gu.shape[0], h.shape[0], out.shape[0]) > rows
-    for e, lo, hi in bounds:
-        w = _row_window(lo, hi) if padded else hi
+    if not shared and min(x.shape[0], gu.shape[0], h.shape[0], out.shape[0]) > rows:
+        windows = [(e, lo, _row_window(lo, hi)) for e, lo, hi in bounds]  # padded row windows
+    else:
+        windows = bounds
+    for e, lo, w in windows:
         matmul_into(x if shared else x[lo:w], w_gate_up[e], gu[lo:w])  # G|U = x [Wg; Wu]^T
     g, u = gu[:rows, :f], gu[:rows, f:]
     sigmoid(g, out=sig)  # sigma(G)   [C, F]
     hc = h[:rows]
     np.multiply(g, sig, out=hc)  # SiLU: silu(G) = G sigma(G)
     hc *= u  # h = s(G) . U
-    for e, lo, hi in bounds:
-        w = _row_window(lo, hi) if padded else hi
+    for e, lo, w in windows:
         matmul_into(h[lo:w], w_down[e], out[lo:w])  # Down(h) = h Wd^T
     return out[:rows]
 
