@@ -82,10 +82,19 @@ def top_k_few(probs_t: np.ndarray, top_k: int) -> tuple[list[int], list[int], li
     Python sort does not order NaN).
     """
     n_experts, n = probs_t.shape
+    by_prob = range(n_experts)
+    if n == 1:  # one token (decoding): kept = its experts, order = them by expert index
+        p = probs_t[:, 0].tolist()
+        if math.isnan(sum(p)):
+            return None
+        top = sorted(by_prob, key=p.__getitem__, reverse=True)[:top_k]  # stable, as below
+        counts = [0] * n_experts
+        for e in top:
+            counts[e] += 1
+        return top, sorted(range(top_k), key=top.__getitem__), counts
     cols = probs_t.T.tolist()  # N lists of E probabilities
     kept = [0] * (top_k * n)
     experts = [0] * (top_k * n)  # expert of assignment a
-    by_prob = range(n_experts)
     for t, p in enumerate(cols):
         if math.isnan(sum(p)):
             return None
