@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nn_core import Config, MoETransformer
+from nn_core.model import layers as layers_mod
 from nn_core.model import moe as moe_mod
 from nn_core.model.attention import (
     KVCache,
@@ -18,6 +19,7 @@ from nn_core.model.attention import (
 from nn_core.model.blas import blas_threads, current_threads
 from nn_core.model.block import block_forward, block_step, block_step_buffers
 from nn_core.model.layers import (
+    ROW_BLOCK,
     expert_bounds,
     linear_forward,
     rmsnorm_forward,
@@ -35,6 +37,7 @@ from nn_core.model.moe import (
     top_k_few,
 )
 from nn_core.model.tensor import exp_shifted, softmax
+from nn_core.model.workspace import Workspace
 
 TOL = {np.float64: 1e-12, np.float32: 2e-5}
 
@@ -78,6 +81,7 @@ def test_top_k_few_equals_the_argsorts_including_ties(dtype):
 def test_top_k_few_declines_nan():
     probs_t = np.array([[0.5, np.nan], [0.5, 0.2]])
     assert top_k_few(probs_t, 1) is None
+    assert top_k_few(probs_t[:, 1:], 1) is None  # one token
 
 
 def _routing_fields(r):
@@ -249,6 +253,49 @@ def test_swiglu_rows_with_one_shared_row_equals_swiglu_forward():
     bufs = [np.empty((3, 2 * f)), np.empty((3, f)), np.empty((3, f)), np.empty((3, h))]
     got = swiglu_rows(x, wgu, wd, expert_bounds(counts), *bufs)
     np.testing.assert_allclose(got, ref, rtol=1e-13)
+
+
+def _swiglu_formula(x, wgu, wd, counts):
+    """out = Down(SiLU(Gate(x)) * Up(x)) per expert's block of rows, straight from the formula."""
+    f = wd.shape[1]
+    out, lo = np.empty_like(x), 0
+    for e, c in enumerate(counts):
+        gu = x[lo : lo + c] @ wgu[e]
+        g, u = gu[:, :f], gu[:, f:]
+        out[lo : lo + c] = (g / (1 + np.exp(-g)) * u) @ wd[e]
+        lo += c
+    return out
+
+
+def test_swiglu_forward_on_padded_rows_equals_the_formula(monkeypatch):
+    # x with ROW_BLOCK - 1 zero scratch rows: the products run on row windows padded to
+    # multiples of ROW_BLOCK; results and cache are those of the C rows alone.
+    rng = np.random.default_rng(0)
+    e, h, f = 4, 8, 6
+    wgu = rng.standard_normal((e, h, 2 * f))
+    wd = rng.standard_normal((e, f, h))
+    counts = [5, 0, 7, 2]
+    rows = sum(counts)
+    xp = np.zeros((rows + ROW_BLOCK - 1, h))
+    xp[:rows] = rng.standard_normal((rows, h))
+    windows = []
+    real = layers_mod.matmul_into
+
+    def spy(a, b, out):
+        windows.append(a.shape[0])
+        return real(a, b, out)
+
+    monkeypatch.setattr(layers_mod, "matmul_into", spy)
+    ws = Workspace()
+    for _ in range(2):  # the second call reuses the workspace's buffers
+        out, cache = swiglu_forward(xp, wgu, wd, counts, ws, "e.")
+        np.testing.assert_allclose(out, _swiglu_formula(xp[:rows], wgu, wd, counts), rtol=1e-12)
+    assert out.shape == (rows, h) and cache.x.shape == (rows, h)
+    assert cache.gu.shape == (rows, 2 * f) and cache.h.shape == (rows, f)
+    assert windows and all(w % ROW_BLOCK == 0 for w in windows)  # 5 -> 8, 7 -> 8, 2 -> 4
+    _, ref_cache = swiglu_forward(xp[:rows].copy(), wgu, wd, counts)  # unpadded
+    for got, ref in zip(cache[2:], ref_cache[2:]):
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
 def test_linear_forward_into_out_and_fresh():

@@ -110,13 +110,17 @@ def rope_unrotate(
 
 
 @lru_cache(maxsize=64)
-def causal_mask_t(s: int, t: int, dtype: np.dtype) -> np.ndarray:
-    """Additive causal mask, transposed: [T, S, 1]; key u is visible to query row i
-    (at position t - s + i) when u <= t - s + i."""
+def causal_mask_t(s: int, t: int, dtype: np.dtype, a: int = 1) -> np.ndarray:
+    """Additive causal mask, transposed, with each query row repeated for the A query
+    heads that share a kv head: [T, S*A]; key u is visible to query row i (at position
+    t - s + i) when u <= t - s + i. Contiguous, so adding it to scores [.., T, S*A] is a
+    plain broadcast over the leading axes (several times faster than a [T, S, 1] mask
+    broadcast over a 5-D view)."""
     rows = np.arange(t - s, t)[None, :]  # query positions
-    mask = np.where(np.arange(t)[:, None] <= rows, 0.0, -np.inf).astype(dtype)
+    mask = np.where(np.arange(t)[:, None] <= rows, 0.0, -np.inf).astype(dtype)  # [T, S]
+    mask = np.repeat(mask, a, axis=1)  # [T, S*A]: column i*A + j is query row i
     mask.flags.writeable = False  # shared between calls and threads
-    return mask[:, :, None]
+    return mask
 
 
 # ---------------------------------------------------------------------------- KV cache
@@ -227,8 +231,7 @@ def attention_forward(
     scores_t = buffer(tws, key + "p_t", (batch, n_kv_heads, t, s * a), dt)
     np.matmul(kg, qg.transpose(0, 1, 3, 2), out=scores_t)
     if s > 1:
-        scores5 = scores_t.reshape(batch, n_kv_heads, t, s, a)
-        scores5 += causal_mask_t(s, t, dt)  # [T, S, 1] over B, nKV, A
+        scores_t += causal_mask_t(s, t, dt, a)  # [T, S*A] over B, nKV
     # Softmax over keys (axis 2); every query sees its own position: no all -inf column
     p_t = softmax(scores_t, axis=2, out=scores_t, may_be_masked=False)
     og = buffer(ws, key + "og", (batch, n_kv_heads, s * a, d), dt)

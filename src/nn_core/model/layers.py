@@ -105,15 +105,19 @@ def rmsnorm_into(
     One row may also come as x [H], r 0-d, y [H].
 
     Computed as r = sqrt(H) / sqrt(sum(x^2) + H eps) (the same value: four calls instead
-    of five). Returns y.
+    of five); for one row [H] that scalar is computed in Python floats (two NumPy calls
+    fewer than 0-d arrays take). Returns y.
     """
     h = x.shape[-1]
+    if x.ndim == 1:  # one row as [H] with r 0-d (decoding): r in Python floats, 1-D products
+        r.fill(math.sqrt(h) / math.sqrt(float(x.dot(x)) + h * eps))  # sum(x^2) by BLAS dot
+        np.multiply(x, gain, y)
+        np.multiply(y, r, y)  # y = x gamma r
+        return y
     consts = _RMS_CONSTANTS.get((h, eps, x.dtype))
     if consts is None:
         consts = _rms_constants(h, eps, x.dtype)
-    if x.ndim == 1:  # one row as [H] with r 0-d (decoding): no broadcasting below
-        x.dot(x, r)  # sum(x^2)
-    elif x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
+    if x.shape[0] == 1:  # one row: a BLAS dot, a third of vecdot's cost
         x.dot(x.T, r)  # sum(x^2)   [1, 1]
     else:
         np.vecdot(x, x, out=r, keepdims=True)  # type: ignore[call-overload]  # sum(x^2) [N, 1]
@@ -291,18 +295,23 @@ def swiglu_forward(
     One expert: x [C, H] -> [C, H]. Stacked experts: w_gate_up [E, H, 2F], w_down
     [E, F, H], ``counts`` [E] rows of each expert, x grouped by expert. Each expert is two
     products (gate|up fused, then down); the element-wise SiLU . U runs once over all rows.
+    With ``counts``, x may carry ROW_BLOCK - 1 zero rows past its C = sum(counts) rows
+    (``moe_forward`` gathers into such a buffer): the products then run on padded row
+    windows (see ``swiglu_rows``). The cache holds the first C rows.
     """
     if counts is None:  # a single expert
         w_gate_up, w_down, counts = w_gate_up[None], w_down[None], [x.shape[0]]
     bounds = expert_bounds(counts)
-    rows, f = x.shape[0], w_down.shape[1]
+    rows, f = (bounds[-1][2] if bounds else 0), w_down.shape[1]
+    spare = x.shape[0] - rows  # scratch rows past the C rows (0 or ROW_BLOCK - 1)
+    hidden = x.shape[1]
     dt = x.dtype
-    gu = buffer(ws, key + "gu", (rows, 2 * f), dt)  # [C, 2F]
+    gu = buffer(ws, key + "gu", (rows + spare, 2 * f), dt)  # [C (+ pad), 2F]
     sig = buffer(ws, key + "sig", (rows, f), dt)  # [C, F]
-    h = buffer(ws, key + "h", (rows, f), dt)  # [C, F]
-    out = buffer(ws, key + "out", x.shape, dt)  # [C, H]
+    h = buffer(ws, key + "h", (rows + spare, f), dt, zero=True)  # [C (+ pad), F]
+    out = buffer(ws, key + "out", (rows + spare, hidden), dt)  # [C (+ pad), H]
     swiglu_rows(x, w_gate_up, w_down, bounds, gu, sig, h, out)
-    return out, SwiGLUCache(x, bounds, gu, sig, h)
+    return out[:rows], SwiGLUCache(x[:rows], bounds, gu[:rows], sig, h[:rows])
 
 
 def swiglu_rows(
@@ -316,23 +325,33 @@ def swiglu_rows(
     out: np.ndarray,
 ) -> np.ndarray:
     """SwiGLU experts into given arrays: out = Down(SiLU(Gate(x)) * Up(x)) for the rows
-    lo:hi of each (expert, lo, hi) in ``bounds`` (any order of experts).
+    lo:hi of each (expert, lo, hi) in ``bounds`` (experts in row order).
 
     x [C, H], or [1, H] when every row is that one row (one token's experts); stacked
     weights w_gate_up [E, H, 2F], w_down [E, F, H]; gu [C, 2F], sig [C, F], h [C, F], out
-    [C, H] C-contiguous (written; the cache's activations).
+    [C, H] C-contiguous (written; the cache's activations). When x, gu, h and out all
+    carry ROW_BLOCK - 1 more rows (zeros in x's and h's, never written past C), each
+    expert's products run on its row window padded to a multiple of ROW_BLOCK: the extra
+    rows belong to the next expert (recomputed in its turn) or to the scratch rows.
+    Returns out [C, H] (out's first C rows).
     """
     f = h.shape[1]
+    rows = sig.shape[0]
     shared = x.shape[0] == 1
-    for e, lo, hi in bounds:
-        matmul_into(x if shared else x[lo:hi], w_gate_up[e], gu[lo:hi])  # G|U = x [Wg; Wu]^T
-    g, u = gu[:, :f], gu[:, f:]
+    if not shared and min(x.shape[0], gu.shape[0], h.shape[0], out.shape[0]) > rows:
+        windows = [(e, lo, _row_window(lo, hi)) for e, lo, hi in bounds]  # padded row windows
+    else:
+        windows = bounds
+    for e, lo, w in windows:
+        matmul_into(x if shared else x[lo:w], w_gate_up[e], gu[lo:w])  # G|U = x [Wg; Wu]^T
+    g, u = gu[:rows, :f], gu[:rows, f:]
     sigmoid(g, out=sig)  # sigma(G)   [C, F]
-    np.multiply(g, sig, out=h)  # SiLU: silu(G) = G sigma(G)
-    h *= u  # h = s(G) . U
-    for e, lo, hi in bounds:
-        matmul_into(h[lo:hi], w_down[e], out[lo:hi])  # Down(h) = h Wd^T
-    return out
+    hc = h[:rows]
+    np.multiply(g, sig, out=hc)  # SiLU: silu(G) = G sigma(G)
+    hc *= u  # h = s(G) . U
+    for e, lo, w in windows:
+        matmul_into(h[lo:w], w_down[e], out[lo:w])  # Down(h) = h Wd^T
+    return out[:rows]
 
 
 # OpenBLAS computes a product's rows in blocks of 4: on the expert products (a few rows

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import (
+    ROW_BLOCK,
     FusedBackward,
     SwiGLUCache,
     expert_bounds,
@@ -81,10 +82,19 @@ def top_k_few(probs_t: np.ndarray, top_k: int) -> tuple[list[int], list[int], li
     Python sort does not order NaN).
     """
     n_experts, n = probs_t.shape
+    by_prob = range(n_experts)
+    if n == 1:  # one token (decoding): kept = its experts, order = them by expert index
+        p = probs_t[:, 0].tolist()
+        if math.isnan(sum(p)):
+            return None
+        top = sorted(by_prob, key=p.__getitem__, reverse=True)[:top_k]  # stable, as below
+        counts = [0] * n_experts
+        for e in top:
+            counts[e] += 1
+        return top, sorted(range(top_k), key=top.__getitem__), counts
     cols = probs_t.T.tolist()  # N lists of E probabilities
     kept = [0] * (top_k * n)
     experts = [0] * (top_k * n)  # expert of assignment a
-    by_prob = range(n_experts)
     for t, p in enumerate(cols):
         if math.isnan(sum(p)):
             return None
@@ -252,9 +262,13 @@ def moe_forward(
     routing = router_forward(x, w.router, top_k, ws, key + "router.")
     c = n * top_k
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
-    xs = x.take(tokens, axis=0, out=buffer(ws, key + "xs", (c, hidden), dt))  # gather
+    # gather, into a buffer with ROW_BLOCK - 1 zero rows past the C rows: the experts'
+    # products run on row windows padded to multiples of ROW_BLOCK (swiglu_rows)
+    pad = ROW_BLOCK - 1
+    xs_p = buffer(ws, key + "xs", (c + pad, hidden), dt, zero=True)  # [C + pad, H]
+    x.take(tokens, axis=0, out=xs_p[:c])  # gather
     ys, experts = swiglu_forward(
-        xs, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
+        xs_p, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
     )  # [C, H]
     gate = routing.weights.T.reshape(-1).take(routing.order)  # [C] w_k, sorted
     weighted = np.multiply(ys, gate[:, None], out=buffer(ws, key + "yw", (c, hidden), dt))

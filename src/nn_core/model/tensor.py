@@ -143,8 +143,11 @@ def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
         np.exp(e, out=e)
-    e += dtype_scalar(1.0, e.dtype)
-    return np.reciprocal(e, out=e)
+    one = dtype_scalar(1.0, e.dtype)
+    e += one
+    # 1 / (1 + e) as a division: the same correctly rounded quotient as np.reciprocal,
+    # which NumPy does not vectorize for float32 (half the speed on large arrays)
+    return np.divide(one, e, out=e)
 
 
 def silu(x: np.ndarray) -> np.ndarray:

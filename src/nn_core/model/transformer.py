@@ -416,8 +416,8 @@ class MoETransformer:
         cfg, rope = self.config, self.rope
         with blas_threads(b.threads):
             x = embedding_forward(ids, self._embed, out=b.x)  # [B, H]
-            for w, k, v in zip(self._w, cache.k, cache.v):
-                block_step(x, w, cfg, rope, start, KVLayer(k, v), b.block, b.ws)
+            for w, kv in zip(self._w, cache.layers):  # cache.layers: per layer KVLayer(k, v)
+                block_step(x, w, cfg, rope, start, kv, b.block, b.ws)
             cache.length = start + 1
             y = step_rmsnorm(x, self._final_norm, cfg.rms_eps, b.block)  # final RMSNorm
             logits = np.empty((batch, self._lm_head.shape[1]), y.dtype)  # [B, V], returned
