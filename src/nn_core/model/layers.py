@@ -368,13 +368,22 @@ def _row_window(lo: int, hi: int) -> int:
     return hi if n == 1 else lo + -(-n // ROW_BLOCK) * ROW_BLOCK
 
 
+def padded_rows(
+    ws: Workspace | None, key: str, rows: int, cols: int, dtype: np.dtype
+) -> np.ndarray:
+    """A buffer [C + ROW_BLOCK - 1, cols] for C = ``rows`` rows whose ROW_BLOCK - 1 extra
+    rows are zero (made so; callers write only the first C rows): the operand of the
+    experts' products on padded row windows."""
+    return buffer(ws, key, (rows + ROW_BLOCK - 1, cols), dtype, zero=True)
+
+
 def swiglu_dout_buffer(
     rows: int, hidden: int, dtype: np.dtype, ws: Workspace | None = None, key: str = ""
 ) -> np.ndarray:
-    """The buffer ``swiglu_backward`` reads its upstream gradient from: [C + ROW_BLOCK - 1,
-    H], the rows past C zero. A caller that writes dout into its first C rows (and hands
+    """The buffer ``swiglu_backward`` reads its upstream gradient from (``padded_rows``,
+    [C + ROW_BLOCK - 1, H]). A caller that writes dout into its first C rows (and hands
     the buffer over as ``dout_padded``) saves ``swiglu_backward`` a copy."""
-    return buffer(ws, key + "dout", (rows + ROW_BLOCK - 1, hidden), dtype, zero=True)
+    return padded_rows(ws, key + "dout", rows, hidden, dtype)
 
 
 def swiglu_backward(
@@ -429,7 +438,7 @@ def swiglu_backward(
         matmul_into(dout_p[lo:w], wd[e], dh[lo:w])  # dh = dout Wd
         # dWd^T += h^T dout
         weight_grad(h_t[:, lo:hi], dout[lo:hi], dw_down[e], overwrite, ws, key_dwd)
-    dgu_p = buffer(ws, key + "dgu", (rows + pad, 2 * f), dt, zero=True)  # [C + pad, 2F]
+    dgu_p = padded_rows(ws, key + "dgu", rows, 2 * f, dt)  # [C + pad, 2F]
     dgu = dgu_p[:rows]  # [C, 2F]; the pad rows stay 0
     if fused is not None:
         fused.swiglu_grad(gu, sig, dh, dgu)  # the lines below, in one pass

@@ -19,11 +19,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import (
-    ROW_BLOCK,
     FusedBackward,
     SwiGLUCache,
     expert_bounds,
     matmul_into,
+    padded_rows,
     swiglu_backward,
     swiglu_dout_buffer,
     swiglu_forward,
@@ -264,8 +264,7 @@ def moe_forward(
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
     # gather, into a buffer with ROW_BLOCK - 1 zero rows past the C rows: the experts'
     # products run on row windows padded to multiples of ROW_BLOCK (swiglu_rows)
-    pad = ROW_BLOCK - 1
-    xs_p = buffer(ws, key + "xs", (c + pad, hidden), dt, zero=True)  # [C + pad, H]
+    xs_p = padded_rows(ws, key + "xs", c, hidden, dt)  # [C + pad, H]
     x.take(tokens, axis=0, out=xs_p[:c])  # gather
     ys, experts = swiglu_forward(
         xs_p, w.gate_up, w.down, routing.counts.tolist(), ws, key + "experts."
