@@ -399,6 +399,8 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
     # progress went to stderr, the scenarios that build a trainer measured last
     assert "[1/8] kernel_matmul" in proc.stderr and "[7/8] mem_train_step" in proc.stderr
+    err = proc.stderr  # the floor probe and the pool start after the lean scenarios
+    assert err.index("decode_kv_256") < err.index("measuring the floor") < err.index("] parallel")
 
     meta = doc["metadata"]
     assert meta["language"] == "python" and meta["seed"] == 42
@@ -438,10 +440,43 @@ def test_small_run_json_schema_and_pure_stdout() -> None:
         workers = p["peak_rss_worker_bytes"]
         assert len(workers) == p["thread_count"] and all(w > 10 * 2**20 for w in workers)
         assert rec["memory"]["peak_rss_bytes"] == p["peak_rss_parent_bytes"] + sum(workers)
+    # a worker builds a task when a scenario asks: the forward workers hold no trainer
+    forward_workers = recs["parallel_T2"]["params"]["peak_rss_worker_bytes"]
+    assert max(forward_workers) < min(recs["parallel_train_T1"]["params"]["peak_rss_worker_bytes"])
     assert recs["kernel_matmul"]["params"]["M"] == 64
     t2 = recs["parallel_T2"]
     assert t2["derived"]["flops"] == 2 * 37_093_376
     assert t2["throughput_tokens_per_sec"] == pytest.approx(128 / (t2["median_ns"] * 1e-9))
+
+
+LEAN_PROBE = """
+import json, sys
+from nn_core.bench.runner import RunOptions, run_benchmark
+from nn_core.bench.scenarios import select
+seen = {}
+def log(line):
+    if line.startswith("["):
+        seen[line.split()[1]] = [m for m in ("multiprocessing", "subprocess") if m in sys.modules]
+opts = RunOptions(trials=1, warmup=0, gemm_size=64, bandwidth_bytes=1 << 20)
+doc, failures = run_benchmark(select(["parallel_T1", "dispatch_warm"]), opts, log)
+assert not failures, failures
+print(json.dumps(seen))
+"""
+
+
+def test_lean_scenarios_run_before_the_floor_probe_and_the_pool_load_their_modules() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", LEAN_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)  # {scenario: the modules loaded when it started}
+    assert seen == {"dispatch_warm": [], "parallel_T1": ["multiprocessing", "subprocess"]}
 
 
 def test_process_pool_with_spawn_runs_independent_models() -> None:
@@ -451,6 +486,9 @@ def test_process_pool_with_spawn_runs_independent_models() -> None:
     pool = ProcessPool(2, [task], start_method="spawn")
     try:
         assert pool.start_method == "spawn" and pool.size == 2
+        with pytest.raises(RuntimeError, match="bench worker error"):
+            pool.run(task.key, 1)  # not prepared yet: workers build a task when asked
+        pool.prepare(task.key, 2)
         replies = pool.run(task.key, 2)  # (cpu_ns, gc_ns, gc_count) per worker
         assert len(replies) == 2 and all(r[0] >= 0 for r in replies)
         stats = pool.call(2, "numerics", task.key)
@@ -471,7 +509,10 @@ def test_process_pool_reports_tasks_it_could_not_build() -> None:
     task = PoolTask("forward", "no_such_preset", 1, 8)
     pool = ProcessPool(1, [task])
     try:
-        assert "no_such_preset" in pool.task_errors[task.key]
+        with pytest.raises(RuntimeError, match="could not build.*no_such_preset"):
+            pool.prepare(task.key, 1)
+        with pytest.raises(ValueError, match="no pool task"):
+            pool.prepare("forward:tiny:9x9", 1)
     finally:
         pool.close()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -175,6 +174,8 @@ def measure_copy_bandwidth(working_set: int, threads: int = 1, repeats: int = 5)
     if threads == 1:
         best = min(_timed(lambda: copy_slice(slice(None))) for _ in range(repeats))
     else:
+        from concurrent.futures import ThreadPoolExecutor  # the floor's child process only
+
         with ThreadPoolExecutor(max_workers=threads) as ex:
             list(ex.map(lambda s: None, slices))  # start the threads
             best = min(_timed(lambda: list(ex.map(copy_slice, slices))) for _ in range(repeats))

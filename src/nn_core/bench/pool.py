@@ -1,10 +1,13 @@
 """A process pool for the parallel axis: one model per worker, built in its initializer.
 
-The pool is created once per benchmark run, before anything else touches the
-BLAS or Numba thread pools (so 'fork' is safe on Linux; otherwise 'spawn').
-Each worker builds every pool task's model/trainer at start-up (untimed, as the
-suite's other implementations do), caps BLAS (and Numba) at one thread, runs one
-untimed priming call per task, then waits on its own pipe for commands.
+The pool is created once per benchmark run, while this process runs no other
+Python thread and no Numba thread pool (so 'fork' is safe on Linux; otherwise
+'spawn'). Each worker caps BLAS (and Numba) at one thread and waits on its own
+pipe for commands. A scenario first asks the workers it uses to prepare its task
+(``prepare``: build the model or trainer and run one untimed priming call, as the
+suite's other implementations do before timing); a worker keeps what it built for
+later scenarios. So a worker that only ran forwards so far holds no trainer, and no
+Numba, in the forward scenarios' peak RSS.
 
 A timed run sends ("run", key) to T workers and waits for all T replies; each
 worker reports the CPU time (its own getrusage user+system) and GC pauses of
@@ -83,17 +86,23 @@ class ProcessPool:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
-        # key -> error text for tasks a worker could not build (e.g. no Trainer yet)
-        self.task_errors: dict[str, str] = {}
         for conn in self.conns:
-            status, errors = conn.recv()
+            status, error = conn.recv()
             if status != "ready":
-                raise RuntimeError(f"bench worker failed to start: {errors}")
-            self.task_errors.update(errors)
+                raise RuntimeError(f"bench worker failed to start: {error}")
 
     @property
     def size(self) -> int:
         return len(self.conns)
+
+    def prepare(self, key: str, t: int) -> None:
+        """Workers 0..t-1 build task ``key`` (if not yet) and prime it, untimed. Raises
+        RuntimeError naming the task if a worker could not build it."""
+        if key not in self.tasks:
+            raise ValueError(f"no pool task {key!r}; the pool has {sorted(self.tasks)}")
+        for error in self.call(t, "prepare", key):
+            if error is not None:
+                raise RuntimeError(f"worker could not build {key}: {error}")
 
     def run(self, key: str, t: int) -> list[tuple[int, int, int]]:
         """The timed operation: workers 0..t-1 each run task ``key`` once, concurrently.
@@ -164,16 +173,9 @@ def _limit_threads() -> None:
 def _worker_main(conn: Connection, tasks: list[PoolTask], train_options: dict[str, Any]) -> None:
     sys.stdout = sys.stderr  # stdout belongs to the parent's JSON
     _limit_threads()
+    by_key = {task.key: task for task in tasks}
     fns: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    for task in tasks:
-        try:
-            fns[task.key] = _build_task(task, train_options)
-            fns[task.key]()  # priming: any lazy loading happens here, untimed
-        except Exception as exc:  # reported to the parent, which fails that scenario
-            errors[task.key] = f"{type(exc).__name__}: {exc}"
-            fns.pop(task.key, None)
-    conn.send(("ready", errors))
+    conn.send(("ready", None))
     last: dict[str, Any] = {}
     tracker = GcTracker()
     gc.callbacks.append(tracker)
@@ -186,7 +188,18 @@ def _worker_main(conn: Connection, tasks: list[PoolTask], train_options: dict[st
         if cmd == "stop":
             break
         try:
-            if cmd == "run":
+            if cmd == "prepare":
+                key = msg[1]
+                error = None
+                if key not in fns:
+                    try:
+                        fn = _build_task(by_key[key], train_options)
+                        fn()  # priming: any lazy loading happens here, untimed
+                        fns[key] = fn
+                    except Exception as exc:  # the parent fails that scenario
+                        error = f"{type(exc).__name__}: {exc}"
+                conn.send(("ok", error))
+            elif cmd == "run":
                 key = msg[1]
                 last.pop(key, None)
                 tracker.time_ns = tracker.count = 0

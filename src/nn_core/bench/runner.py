@@ -8,13 +8,11 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from threadpoolctl import threadpool_limits
 
@@ -32,7 +30,6 @@ from .harness import (
     timing_stats,
 )
 from .ops import config_of, model_op
-from .pool import PoolTask, ProcessPool
 from .scenarios import EXECUTORS, PARALLEL_EXECUTOR, SEED, Scenario, tokens_of
 from .summary import fmt_ns
 from .workloads import (
@@ -41,6 +38,9 @@ from .workloads import (
     build,
     threads_unsafe_reason,
 )
+
+if TYPE_CHECKING:
+    from .pool import PoolTask, ProcessPool
 
 DEFAULT_TRIALS = 10
 DEFAULT_WARMUP = 3
@@ -165,6 +165,8 @@ def measure_floor_apart(
     1 GFLOP GEMM on every thread and the 256 MiB copies would otherwise leave BLAS
     thread buffers and heap resident in this process, counted in every scenario's peak
     RSS though the library never needs them."""
+    import subprocess  # here: the lean scenarios run before, without it (measuring_order)
+
     args: dict[str, Any] = {"gemm_size": gemm_size, "bandwidth_bytes": bandwidth_bytes}
     args.update(ids=[sc.id for sc in scenarios], blas_threads=blas_threads)
     proc = subprocess.run(
@@ -300,10 +302,9 @@ def run_scenario(
     params.setdefault("blas_threads", res.info.get("blas_threads_per_worker", res.blas_threads))
 
     tokens = res.info.get("tokens", tokens_of(sc) if sc.kind != "kernel" else None)
-    floor = scenario_floor(sc, rates)
-    if floor is not None:
-        params["floor"] = {k: v for k, v in floor.items() if k != "flops"}
-    return build_record(sc, params, res, trials, warmup, tokens, floor, semantics)
+    rec = build_record(sc, params, res, trials, warmup, tokens, semantics)
+    attach_floor(rec, sc, rates)
+    return rec
 
 
 def build_record(
@@ -313,11 +314,11 @@ def build_record(
     trials: int,
     warmup: int,
     tokens: int | None,
-    floor: dict[str, Any] | None,
     parallel_semantics: str | None = None,
 ) -> dict[str, Any]:
     """The scenario's JSON object, with the suite's field names and order
-    (docs/benchmark.md); ``parallel_semantics`` (parallel axis) sits beside ``id``."""
+    (docs/benchmark.md); ``parallel_semantics`` (parallel axis) sits beside ``id``.
+    Without its floor: ``attach_floor`` adds it."""
     m = res.measurement
     stats = timing_stats(m.timings_ns)
     med = stats["median_ns"]
@@ -327,12 +328,6 @@ def build_record(
         # 1 - gc time / wall time (process pools: / (wall x T), each worker collects alone)
         "gc_throughput": (1.0 - m.gc_time_ns / m.gc_capacity_ns) if m.gc_capacity_ns else 1.0,
     }
-    if floor is not None:
-        flops = int(floor["flops"])
-        derived["gflops"] = finite_or_none(flops / med) if med else None
-        derived["flops"] = flops
-        fns = floor.get("floor_ns")
-        derived["floor_ratio"] = finite_or_none(fl.floor_ratio(med, fns)) if fns else None
     rec: dict[str, Any] = {"id": sc.id}
     if parallel_semantics is not None:
         rec["parallel_semantics"] = parallel_semantics
@@ -358,11 +353,30 @@ def build_record(
     return rec
 
 
+def attach_floor(rec: dict[str, Any], sc: Scenario, rates: FloorRates | None) -> None:
+    """Add the scenario's analytic flops and floor (``scenario_floor``) to its record:
+    ``params.floor``, and ``derived`` gflops, flops, floor_ratio. Nothing for a scenario
+    without flops; the floor's time needs ``rates``."""
+    floor = scenario_floor(sc, rates)
+    if floor is None:
+        return
+    rec["params"]["floor"] = {k: v for k, v in floor.items() if k != "flops"}
+    med = rec["median_ns"]
+    flops = int(floor["flops"])
+    derived = rec["derived"]
+    derived["gflops"] = finite_or_none(flops / med) if med else None
+    derived["flops"] = flops
+    fns = floor.get("floor_ns")
+    derived["floor_ratio"] = finite_or_none(fl.floor_ratio(med, fns)) if fns else None
+
+
 # ---------------------------------------------------------------------------- the whole run
 
 
 def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
-    """Workers needed (max T) and the distinct tasks every worker prepares."""
+    """Workers needed (max T) and the distinct tasks the workers may be asked to run."""
+    from .pool import PoolTask
+
     tasks: dict[str, PoolTask] = {}
     n = 0
     for sc in scenarios:
@@ -378,15 +392,24 @@ def pool_tasks(scenarios: list[Scenario]) -> tuple[int, list[PoolTask]]:
 TRAINER_KINDS = ("train", "parallel_train")
 
 
+def is_lean(sc: Scenario) -> bool:
+    """A scenario of one model in this process that builds no trainer (forwards,
+    kernels, dispatch, decoding): measured first, before the floor probe and the process
+    pool, so its peak RSS holds what a program running the model holds, and not the
+    modules those two need (subprocess, multiprocessing: ~1.5 MiB)."""
+    return sc.kind not in TRAINER_KINDS and sc.kind not in PARALLEL_KINDS
+
+
 def measuring_order(scenarios: list[Scenario]) -> list[Scenario]:
-    """The scenarios that build a trainer after all the others (each group in suite
-    order). A trainer may load the fused training kernels (Numba: ~65 MB and more once
-    its compiled kernels load) into this process for good; measured first, every
-    later scenario's peak RSS would carry them, though a program that only runs
-    forwards never loads them. The JSON lists the records in suite order all the same."""
-    return [s for s in scenarios if s.kind not in TRAINER_KINDS] + [
-        s for s in scenarios if s.kind in TRAINER_KINDS
-    ]
+    """The lean scenarios (``is_lean``) first, then the parallel forwards, then the
+    scenarios that build a trainer (each group in suite order). A trainer may load the
+    fused training kernels (Numba: ~65 MB and more once its compiled kernels load) into
+    this process for good; measured earlier, every later scenario's peak RSS would carry
+    them, though a program that only runs forwards never loads them. The JSON lists the
+    records in suite order all the same."""
+    lean = [s for s in scenarios if is_lean(s)]
+    parallel = [s for s in scenarios if s.kind in PARALLEL_KINDS and s.kind not in TRAINER_KINDS]
+    return lean + parallel + [s for s in scenarios if s.kind in TRAINER_KINDS]
 
 
 def prime(scenarios: list[Scenario], train_options: dict[str, Any], train: bool) -> int:
@@ -429,21 +452,33 @@ def run_benchmark(
     return _run_benchmark(scenarios, options or RunOptions(), log)
 
 
+def start_pool(
+    scenarios: list[Scenario], opts: RunOptions, log: Callable[[str], None]
+) -> tuple[ProcessPool | None, str | None]:
+    """The run's process pool if a selected scenario needs one: (pool, None), or
+    (None, why it could not start). Each worker builds a task when a scenario first
+    asks for it (``ProcessPool.prepare``)."""
+    n_workers, tasks = pool_tasks(scenarios)
+    if not n_workers:
+        return None, None
+    from .pool import ProcessPool
+
+    log(f"starting a process pool of {n_workers} workers ({len(tasks)} tasks)")
+    try:
+        return ProcessPool(n_workers, tasks, train_options=opts.train_options), None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log(f"process pool unavailable: {error}")
+        return None, error
+
+
 def _run_benchmark(
     scenarios: list[Scenario], opts: RunOptions, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    n_workers, tasks = pool_tasks(scenarios)
-    pool = None
-    pool_error = None
-    if n_workers and not opts.isolate:  # created first: no BLAS/Numba/Python threads yet
-        log(f"starting a process pool of {n_workers} workers ({len(tasks)} tasks)")
-        try:
-            pool = ProcessPool(n_workers, tasks, train_options=opts.train_options)
-        except Exception as exc:
-            pool_error = f"{type(exc).__name__}: {exc}"
-            log(f"process pool unavailable: {pool_error}")
     blas = opts.blas_threads
     limits = threadpool_limits(limits=blas, user_api="blas") if blas else None
+    pool: ProcessPool | None = None
+    pool_error = None
     try:
         prime_ns: int | None = None
 
@@ -456,21 +491,33 @@ def _run_benchmark(
             except Exception as exc:
                 log(f"priming failed ({type(exc).__name__}: {exc}); scenarios will report it")
 
-        prime_for(train=False)
         rates = opts.floor_rates
-        if rates is None and opts.floor:
+
+        def measure_rates() -> FloorRates:
             log(f"measuring the floor: GEMM {opts.gemm_size}^3 float32, copy bandwidth")
-            rates = measure_floor_apart(opts.gemm_size, opts.bandwidth_bytes, scenarios, blas)
+            r = measure_floor_apart(opts.gemm_size, opts.bandwidth_bytes, scenarios, blas)
             log(
-                f"  GEMM {rates.gemm_flops_1_thread / 1e9:.1f} GFLOP/s (1 thread), "
-                f"{rates.gemm_flops_all_threads / 1e9:.1f} GFLOP/s ({rates.all_threads} threads)"
+                f"  GEMM {r.gemm_flops_1_thread / 1e9:.1f} GFLOP/s (1 thread), "
+                f"{r.gemm_flops_all_threads / 1e9:.1f} GFLOP/s ({r.all_threads} threads)"
             )
             for sc in scenarios:  # any working set still unprobed: now, not between scenarios
-                scenario_floor(sc, rates)
+                scenario_floor(sc, r)
+            return r
+
+        if opts.isolate and rates is None and opts.floor:  # the children need it first
+            rates = measure_rates()
+        prime_for(train=False)
         records: list[dict[str, Any]] = []
         failures: list[dict[str, str]] = []
+        lean: list[tuple[dict[str, Any], Scenario]] = []  # measured before the floor
         primed_train = False
+        lean_phase = not opts.isolate
         for i, sc in enumerate(measuring_order(scenarios), 1):
+            if lean_phase and not is_lean(sc):  # the lean scenarios are done
+                lean_phase = False
+                if rates is None and opts.floor:
+                    rates = measure_rates()
+                pool, pool_error = start_pool(scenarios, opts, log)
             if sc.kind in TRAINER_KINDS and not primed_train:
                 prime_for(train=True)
                 primed_train = True
@@ -494,8 +541,14 @@ def _run_benchmark(
                 failures.append({"id": sc.id, "error": msg})
                 continue
             records.append(rec)
+            if lean_phase:
+                lean.append((rec, sc))
             if not opts.isolate:  # an isolated child has printed it already
                 log("    " + progress_line(rec))
+        if rates is None and opts.floor and lean:  # every scenario was lean
+            rates = measure_rates()
+        for rec, sc in lean:  # their floors, now that the rates are known
+            attach_floor(rec, sc, rates)
         policy = {
             "single_model": (
                 f"BLAS capped at {blas} thread(s) by --blas-threads; within it the "
@@ -516,8 +569,9 @@ def _run_benchmark(
             "isolation": (
                 "each scenario in a fresh interpreter (python -m nn_core bench --scenario ID)"
                 if opts.isolate
-                else "all scenarios in this process: those that build a trainer after "
-                "the others, each group in suite order (runner.measuring_order)"
+                else "all scenarios in this process: one model without a trainer first, "
+                "then the parallel forwards, then those that build a trainer, each group "
+                "in suite order (runner.measuring_order)"
             ),
             "peak_rss_scope": scope,
             "malloc": "allocator defaults (the library reuses its buffers; nothing is tuned)",
@@ -560,6 +614,9 @@ def run_isolated(sc: Scenario, opts: RunOptions, rates: FloorRates | None) -> di
     The child reuses this run's floor rates (passed as a JSON file), primes itself and,
     for the parallel axis, starts its own process pool. Its progress goes to stderr.
     """
+    import subprocess
+    import tempfile
+
     cmd = [sys.executable, "-m", "nn_core", "bench", "--scenario", sc.id]
     cmd += ["--trials", str(opts.trials), "--warmup", str(opts.warmup)]
     if opts.blas_threads:

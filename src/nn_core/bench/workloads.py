@@ -8,8 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -17,8 +16,10 @@ from threadpoolctl import threadpool_limits
 from ..model.config import Config
 from .harness import Workload, numerical_stats, peak_rss_bytes, traced_alloc_bytes
 from .ops import config_of, model_and_op, model_op
-from .pool import PoolTask, ProcessPool
 from .scenarios import SEED, Scenario, make_inputs
+
+if TYPE_CHECKING:  # the pool's module (multiprocessing) loads with the pool
+    from .pool import ProcessPool
 
 # ---------------------------------------------------------------------------- single model
 
@@ -165,6 +166,8 @@ class ThreadParallelWorkload(Workload):
             self.ops = [
                 model_op(sc.kind, cfg, p["batch"], p["seq"], train_options) for _ in range(self.t)
             ]
+            from concurrent.futures import ThreadPoolExecutor  # with this executor only
+
             self.pool = ThreadPoolExecutor(max_workers=self.t, thread_name_prefix="bench")
             self.run()  # start the T threads (untimed; warm-ups follow anyway)
         except BaseException:
@@ -193,13 +196,14 @@ class ProcessParallelWorkload(Workload):
         self.t = int(p["thread_count"])
         if self.t > pool.size:
             raise ValueError(f"thread_count {self.t} > process pool size {pool.size}")
+        from .pool import PoolTask
+
         kind = "forward" if sc.kind == "parallel_forward" else "train"
         self.key = PoolTask(kind, str(p.get("config", "tiny")), p["batch"], p["seq"]).key
-        if self.key in pool.task_errors:
-            raise RuntimeError(f"worker could not build {self.key}: {pool.task_errors[self.key]}")
         self.pool = pool
         self.processes = self.t
-        self.pool.call(self.t, "reset_rss")
+        self.pool.call(self.t, "reset_rss")  # the workers' peaks count from here,
+        pool.prepare(self.key, self.t)  # with the build of their models as for one model
         self._last: list[tuple[int, int, int]] = []
         self.info = {
             "executor": "processes",
