@@ -332,6 +332,8 @@ def test_compiled_experts_forward_equals_moe_forward(dtype, n, top_k):
         assert 0 in cache.routing.counts and 1 in cache.routing.counts
     else:
         assert cache.routing.counts.max() > ROW_BLOCK
+    for a, b in zip(cache.routing, ref.routing):  # the router's top-k, weights, grouping
+        np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(cache.tokens, ref.tokens)
     np.testing.assert_array_equal(cache.gate, ref.gate)
     assert cache.experts.bounds == ref.experts.bounds
@@ -339,6 +341,22 @@ def test_compiled_experts_forward_equals_moe_forward(dtype, n, top_k):
     pairs = [(out, ref_out), (cache.y, ref.y), *zip(cache.experts[2:], ref.experts[2:])]
     for a, b in pairs + [(cache.experts.x, ref.experts.x)]:
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_compiled_top_k_breaks_ties_as_the_stable_argsort(top_k):
+    """Equal probabilities (zero rows: uniform; two equal router rows) go to the lower
+    expert index, and the grouping keeps assignments in order, as the argsorts do."""
+    rng = np.random.default_rng(top_k)
+    w = moe_weights(rng, np.float64)
+    w.router[4] = w.router[1]  # experts 1 and 4 always tie
+    x = rng.standard_normal((9, 8))
+    x[[0, 3, 4]] = 0.0  # uniform probabilities: every expert ties
+    _, ref = moe_forward(x, w, top_k, Workspace(), "m.")
+    _, cache = moe_forward(x, w, top_k, Workspace(), "m.", fused_experts())
+    for a, b in zip(cache.routing, ref.routing):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(cache.routing.top_idx[0], np.arange(top_k))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

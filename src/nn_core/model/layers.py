@@ -31,9 +31,10 @@ class FusedExperts(NamedTuple):
     element-wise lines in loops, every expert product a direct BLAS call. Handed in by
     the trainer (``nn_core.training.kernels``); the NumPy functions are the reference."""
 
-    # (x [N, H], order [C], weights_t [K, N], w_gate_up [E, H, 2F], counts [E],
-    # xs [C + pad, H], gu [C + pad, 2F], tokens [C], gate [C]):
-    # gather xs = x[tokens], G|U = xs [Wg; Wu]^T per expert, w_k of each row
+    # (x [N, H], probs_t [E, N], top_t [K, N], weights_t [K, N], kept_sum [1, N], order [C],
+    # counts [E], w_gate_up [E, H, 2F], xs [C + pad, H], gu [C + pad, 2F], tokens [C],
+    # gate [C]): the router's top-k, renormalization and grouping, gather xs = x[tokens],
+    # G|U = xs [Wg; Wu]^T per expert, w_k of each row
     gate_up: Callable[..., None]
     # (gu, sig [C, F], order, gate, w_down [E, F, H], counts, h [C + pad, F],
     # ys [C + pad, H], out [N, H]): h = s(G) . U, y = h Wd^T, out_t = sum_k w_k y_tk

@@ -157,7 +157,8 @@ def aux_loss(routing: Routing, alpha: float, fractions: np.ndarray | None = None
     """
     n_experts = routing.probs.shape[1]
     f = expert_fractions(routing) if fractions is None else fractions  # [E]
-    p_mean = routing.probs.mean(axis=0, dtype=np.float64)  # [E]
+    # P_e: the sum over tokens / N, as np.mean computes it (without its Python layers)
+    p_mean = np.add.reduce(routing.probs, 0, np.float64) / routing.probs.shape[0]  # [E]
     return float(alpha * n_experts * np.dot(f, p_mean))
 
 
@@ -268,9 +269,9 @@ def moe_forward(
     (``experts_forward``), equal to these to rounding."""
     n, hidden = x.shape
     dt = x.dtype
-    routing = router_forward(x, w.router, top_k, ws, key + "router.")
     if fused is not None and fused.experts is not None:
-        return experts_forward(x, routing, w, fused.experts, ws, key)
+        return experts_forward(x, w, top_k, fused.experts, ws, key)
+    routing = router_forward(x, w.router, top_k, ws, key + "router.")
     c = n * top_k
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
     # gather, into a buffer with ROW_BLOCK - 1 zero rows past the C rows: the experts'
@@ -291,28 +292,37 @@ def moe_forward(
 
 def experts_forward(
     x: np.ndarray,
-    routing: Routing,
     w: MoEWeights,
+    top_k: int,
     k: FusedExperts,
     ws: Workspace | None = None,
     key: str = "",
 ) -> tuple[np.ndarray, MoECache]:
-    """``moe_forward`` after the router by the compiled ``FusedExperts``: gather and
-    G|U = x [Wg; Wu]^T (``k.gate_up``), sigma(G) by ``tensor.sigmoid`` (NumPy's
+    """``moe_forward`` by the compiled ``FusedExperts``: the router's probabilities
+    (``router_probs``, NumPy), then its top-k, renormalization and grouping, the gather
+    and G|U = x [Wg; Wu]^T (``k.gate_up``), sigma(G) by ``tensor.sigmoid`` (NumPy's
     vectorized exp), then h = s(G) . U, Down(h) = h Wd^T and out = sum_k w_k y_k
-    (``k.down``). The same buffers and cache as the NumPy lines (either backward takes it).
-    x [N, H] -> out [N, H]."""
+    (``k.down``). The same routing record, buffers and cache as the NumPy lines (either
+    backward takes it). x [N, H] -> out [N, H]."""
     n, hidden = x.shape
     dt = x.dtype
-    c = routing.order.size
+    n_experts = w.router.shape[0]
+    c = n * top_k
     f = w.down.shape[1]
-    counts = routing.counts
+    probs_t = router_probs(x, w.router, buffer(ws, key + "router.probs_t", (n_experts, n), dt))
+    # the routing record is kept past the next step (Trainer.last_routing): fresh arrays
+    top_t, order = np.empty((top_k, n), np.intp), np.empty(c, np.intp)  # [K, N], [C]
+    weights_t, kept_sum = np.empty((top_k, n), dt), np.empty((1, n), dt)  # [K, N], [1, N]
+    counts = np.empty(n_experts, np.int64)  # [E]
     ekey = key + "experts."
     xs_p = padded_rows(ws, key + "xs", c, hidden, dt)  # [C + pad, H]
     gu = buffer(ws, ekey + "gu", xs_p.shape[:1] + (2 * f,), dt)  # [C + pad, 2F]
     tokens = buffer(ws, key + "tokens", (c,), np.dtype(np.intp))  # [C]
     gate = buffer(ws, key + "gate", (c,), dt)  # [C]
-    k.gate_up(x, routing.order, routing.weights.T, w.gate_up, counts, xs_p, gu, tokens, gate)
+    k.gate_up(
+        x, probs_t, top_t, weights_t, kept_sum, order, counts, w.gate_up, xs_p, gu, tokens, gate
+    )
+    routing = Routing(probs_t.T, top_t.T, kept_sum.T, weights_t.T, order, counts)
     sig = sigmoid(gu[:c, :f], out=buffer(ws, ekey + "sig", (c, f), dt))  # sigma(G)   [C, F]
     h = padded_rows(ws, ekey + "h", c, f, dt)  # [C + pad, F]
     ys = buffer(ws, ekey + "out", xs_p.shape, dt)  # [C + pad, H]

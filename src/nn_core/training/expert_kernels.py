@@ -137,15 +137,62 @@ def swiglu_grad_rows(gu: Any, sig: Any, dh: Any, dgu: Any) -> None:  # pragma: n
             dgu[i, f + j] = silu * d
 
 
-@nb.njit(cache=True)
-def experts_gate_up(x, order, weights_t, w_gate_up, counts, xs, gu, tokens, gate):  # type: ignore[no-untyped-def]  # pragma: no cover
-    """moe_forward's gather and swiglu_rows' first products, per expert on its padded
-    row window: xs = x[token of each sorted assignment]   [C, H];
-    G|U = xs [Wg; Wu]^T   [C, 2F];  gate = w_k of each sorted assignment   [C].
+@nb.njit(cache=True)  # fastmath off: the reference's operations in its order
+def experts_gate_up(  # type: ignore[no-untyped-def]
+    x, probs_t, top_t, weights_t, kept_sum, order, counts, w_gate_up, xs, gu, tokens, gate
+):  # pragma: no cover
+    """moe.router_forward after the probabilities, then moe_forward's gather and
+    swiglu_rows' first products:
+    top-k per token by probability, ties to the lower expert index (the stable argsort's
+    order, NaN last); renormalized top-k w_k = p_k / S, S = sum of the kept p_k (added in
+    k order); assignments a = k*N + t grouped by expert (a counting sort, stable: the
+    stable argsort's order); xs = x[token of each sorted assignment]; per expert on its
+    padded row window G|U = xs [Wg; Wu]^T; gate = w_k of each sorted assignment.
 
-    x [N, H], order [C], weights_t [K, N], w_gate_up [E, H, 2F], counts [E],
-    xs [C + pad, H] (pad rows 0), gu [C + pad, 2F], tokens [C] intp."""
-    n = x.shape[0]
+    x [N, H], probs_t [E, N]; written: top_t [K, N], weights_t [K, N], kept_sum [1, N],
+    order [C], counts [E], xs [C + pad, H] (pad rows 0), gu [C + pad, 2F], tokens [C],
+    gate [C]; w_gate_up [E, H, 2F]."""
+    n_experts, n = probs_t.shape
+    top_k = top_t.shape[0]
+    for t in range(n):
+        for k in range(top_k):
+            best = -1
+            for e in range(n_experts):
+                chosen = False
+                for j in range(k):
+                    if top_t[j, t] == e:
+                        chosen = True
+                if chosen:
+                    continue
+                p = probs_t[e, t]
+                if best < 0:
+                    best = e
+                else:
+                    q = probs_t[best, t]
+                    if p > q or (q != q and p == p):  # a larger p, or a number over NaN
+                        best = e
+            top_t[k, t] = best
+            weights_t[k, t] = probs_t[best, t]  # kept p_k
+        s = weights_t[0, t]
+        for k in range(1, top_k):
+            s += weights_t[k, t]
+        kept_sum[0, t] = s  # S
+        for k in range(top_k):
+            weights_t[k, t] /= s  # w_k = p_k / S
+    counts[:] = 0
+    for k in range(top_k):
+        for t in range(n):
+            counts[top_t[k, t]] += 1
+    start = np.empty(n_experts, np.intp)
+    end = 0
+    for e in range(n_experts):
+        start[e] = end
+        end += counts[e]
+    for k in range(top_k):
+        for t in range(n):
+            e = top_t[k, t]
+            order[start[e]] = k * n + t  # assignments ascending within each expert
+            start[e] += 1
     for i in range(order.size):
         a = order[i]
         t = a % n
@@ -153,7 +200,7 @@ def experts_gate_up(x, order, weights_t, w_gate_up, counts, xs, gu, tokens, gate
         gate[i] = weights_t[a // n, t]
         xs[i, :] = x[t, :]
     lo = 0
-    for e in range(counts.size):
+    for e in range(n_experts):
         hi = lo + counts[e]
         if hi > lo:
             w = window(lo, hi)
