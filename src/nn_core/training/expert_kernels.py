@@ -68,12 +68,12 @@ BLAS_FOUND = _register_gemm()
 # cblas_?gemm(order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), the
 # integers 64-bit and the pointers passed as integers (the same registers)
 _i32, _i64 = types.int32, types.int64
-_sgemm = types.ExternalFunction(
+_sgemm: Any = types.ExternalFunction(
     "nn_core_sgemm",
     types.void(_i32, _i32, _i32, _i64, _i64, _i64, types.float32, _i64, _i64, _i64, _i64,
                types.float32, _i64, _i64),
 )  # fmt: skip
-_dgemm = types.ExternalFunction(
+_dgemm: Any = types.ExternalFunction(
     "nn_core_dgemm",
     types.void(_i32, _i32, _i32, _i64, _i64, _i64, types.float64, _i64, _i64, _i64, _i64,
                types.float64, _i64, _i64),
@@ -306,7 +306,7 @@ def experts_combine_grad(dx, dxs, order):  # type: ignore[no-untyped-def]  # pra
                 dx[t, j] += dxs[i, j]
 
 
-KERNELS = {
+KERNELS: dict[str, Any] = {
     "experts_gate_up": experts_gate_up,
     "experts_down": experts_down,
     "experts_grad": experts_grad,

@@ -115,7 +115,7 @@ def _compiled() -> dict[str, Callable[..., Any]]:
             for e in range(n_experts):
                 dz_t[e, t] = (dz_t[e, t] - dot) * probs_t[e, t]  # softmax backward
 
-    kernels = {
+    kernels: dict[str, Callable[..., Any]] = {
         "adamw": adamw,
         "sum_squares": sum_squares,
         "rmsnorm_backward": rmsnorm_backward_rows,
