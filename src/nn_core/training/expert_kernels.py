@@ -19,6 +19,7 @@ closure on its captured objects, which would miss in every new process.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import numba as nb
@@ -39,7 +40,9 @@ _GEMM_SYMBOLS = (
 
 def _register_gemm() -> bool:
     """Register NumPy's BLAS sgemm and dgemm as the symbols ``nn_core_sgemm`` and
-    ``nn_core_dgemm``; False if there is no single OpenBLAS with those symbols."""
+    ``nn_core_dgemm``; False if no OpenBLAS in the process has those symbols. With
+    several OpenBLAS libraries loaded, the one shipped inside NumPy's own directory
+    (``numpy.libs``) is taken first."""
     try:
         from threadpoolctl import ThreadpoolController
 
@@ -48,18 +51,23 @@ def _register_gemm() -> bool:
             for c in ThreadpoolController().lib_controllers
             if c.user_api == "blas" and c.internal_api == "openblas"
         ]
-        if len(paths) != 1:
-            return False
-        lib = ctypes.CDLL(paths[0])
-    except Exception:  # no threadpoolctl support or no loadable library
+    except Exception:  # no threadpoolctl support: no compiled experts
         return False
-    for single, double in _GEMM_SYMBOLS:
-        if hasattr(lib, single) and hasattr(lib, double):
-            import llvmlite.binding as llvm
+    numpy_dir = os.path.dirname(os.path.abspath(np.__file__))  # .../numpy
+    own = (numpy_dir + os.sep, numpy_dir + ".libs" + os.sep)  # numpy/.dylibs, numpy.libs
+    paths.sort(key=lambda path: not os.path.abspath(path).startswith(own))
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for single, double in _GEMM_SYMBOLS:
+            if hasattr(lib, single) and hasattr(lib, double):
+                import llvmlite.binding as llvm
 
-            for name, fn in (("nn_core_sgemm", single), ("nn_core_dgemm", double)):
-                llvm.add_symbol(name, ctypes.cast(getattr(lib, fn), ctypes.c_void_p).value)
-            return True
+                for name, fn in (("nn_core_sgemm", single), ("nn_core_dgemm", double)):
+                    llvm.add_symbol(name, ctypes.cast(getattr(lib, fn), ctypes.c_void_p).value)
+                return True
     return False
 
 
