@@ -109,8 +109,10 @@ def gemm(
     if size == 4:
         one, bt = np.float32(1.0), np.float32(beta)
         _sgemm(_ROW_MAJOR, ta, tb, m, n, k, one, pa, lda, pb, ldb, bt, pc, ldc)
-    else:
+    elif size == 8:
         _dgemm(_ROW_MAJOR, ta, tb, m, n, k, 1.0, pa, lda, pb, ldb, float(beta), pc, ldc)
+    else:
+        raise ValueError("gemm computes in float32 or float64")
 
 
 @nb.njit(cache=True)
