@@ -347,7 +347,9 @@ def moe_backward(
 ) -> np.ndarray:
     """MoE backward: dy_tk = w_tk dout_t (into expert k's backward); dw_tk = dout_t . y_tk;
     the gather's backward is a scatter-add of the experts' input gradients.
-    ``fused``: compiled element-wise lines for the experts (``layers.FusedBackward``).
+    ``fused``: compiled element-wise lines for the experts (``layers.FusedBackward``);
+    with ``experts``, the lines before the router by ``experts_backward`` and the
+    scatter-add by ``experts.combine_grad`` (equal to these to rounding).
     """
     x, routing, tokens, gate, ys, experts = cache
     n, hidden = x.shape
