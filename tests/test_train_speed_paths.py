@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradcheck import check_gradient
 
 from nn_core.model.layers import (
     ROW_BLOCK,
@@ -17,7 +18,7 @@ from nn_core.model.layers import (
     swiglu_forward,
     weight_grad,
 )
-from nn_core.model.moe import router_backward, router_forward
+from nn_core.model.moe import MoEWeights, moe_backward, moe_forward, router_backward, router_forward
 from nn_core.model.tensor import softmax
 from nn_core.model.workspace import Workspace
 
@@ -214,9 +215,11 @@ def test_model_backward_with_fused_lines_equals_the_numpy_backward(dtype):
     rng = np.random.default_rng(0)
     ids, tgt = rng.integers(0, 1000, (2, 8)), rng.integers(0, 1000, (2, 8))
     grads = []
-    for fused in (None, fused_backward()):
-        state = model.forward_loss(ids, tgt, 0.05)
-        model.backward(state, zero_grad=True, fused=fused)
+    fused = fused_backward()
+    assert fused.experts is not None  # NumPy's BLAS found: the compiled experts are tested
+    for f in (None, fused):
+        state = model.forward_loss(ids, tgt, 0.05, fused=f)
+        model.backward(state, zero_grad=True, fused=f)
         grads.append(model.flat_grads.copy())
     assert grads[0].any()
     tol = 1e-4 if dtype == np.float32 else 1e-12
@@ -268,3 +271,200 @@ def test_trainer_hands_the_fused_lines_to_the_backward_only_with_numba_kernels(m
         accum.train_step(ids, (ids + 1) % 1000)
     assert seen[:3] == [None, None, None]
     assert all(f is not None for f in seen[3:]) and len(seen) == 6
+
+
+def test_trainer_hands_the_compiled_experts_to_the_training_forward(monkeypatch):
+    from nn_core import Config, MoETransformer, TrainConfig, Trainer
+
+    seen = []
+    for kernels in ("numpy", "numba"):
+        for accum in (1, 2):
+            model = MoETransformer(Config.tiny(), seed=0)
+            original = model.forward_loss
+
+            def spy(*args, _original=original, **kw):
+                seen.append(kw.get("fused"))
+                return _original(*args, **kw)
+
+            monkeypatch.setattr(model, "forward_loss", spy)
+            trainer = Trainer(model, TrainConfig(kernels=kernels, grad_accum_steps=accum))
+            ids = np.arange(16).reshape(2, 8)
+            trainer.train_step(ids, (ids + 1) % 1000)
+    assert seen[:3] == [None, None, None] and len(seen) == 6
+    assert all(f is not None and f.experts is not None for f in seen[3:])
+
+
+# ------------------------------------------------------------------ compiled experts
+
+
+def moe_weights(rng, dtype, e=6, h=8, f=12):
+    return MoEWeights(
+        rng.standard_normal((e, h)).astype(dtype),
+        (rng.standard_normal((e, h, 2 * f)) * 0.4).astype(dtype),  # [Wg; Wu]^T per expert
+        (rng.standard_normal((e, f, h)) * 0.4).astype(dtype),  # Wd^T
+    )
+
+
+def fused_experts():
+    from nn_core.training.kernels import fused_backward
+
+    fused = fused_backward()
+    assert fused.experts is not None
+    return fused
+
+
+# (tokens, top_k): 5 tokens at K = 1 leave an expert of 6 without rows and give one-row
+# experts; 17 tokens at K = 3 give experts of more than ROW_BLOCK rows (padded windows)
+CASES = [(5, 1), (7, 2), (17, 3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "top_k"), CASES)
+def test_compiled_experts_forward_equals_moe_forward(dtype, n, top_k):
+    """The compiled gather, experts and combine give moe_forward's output and cache (every
+    array the backward reads): float64 to 1e-13, float32 to a few roundings."""
+    rng = np.random.default_rng(n)
+    w = moe_weights(rng, dtype)
+    x = rng.standard_normal((n, 8)).astype(dtype)
+    ref_out, ref = moe_forward(x, w, top_k, Workspace(), "m.")
+    out, cache = moe_forward(x, w, top_k, Workspace(), "m.", fused_experts())
+    if n == 5:
+        assert 0 in cache.routing.counts and 1 in cache.routing.counts
+    else:
+        assert cache.routing.counts.max() > ROW_BLOCK
+    for a, b in zip(cache.routing, ref.routing):  # the router's top-k, weights, grouping
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(cache.tokens, ref.tokens)
+    np.testing.assert_array_equal(cache.gate, ref.gate)
+    assert cache.experts.bounds == ref.experts.bounds
+    tol = 1e-13 if dtype == np.float64 else 2e-6
+    pairs = [(out, ref_out), (cache.y, ref.y), *zip(cache.experts[2:], ref.experts[2:])]
+    for a, b in pairs + [(cache.experts.x, ref.experts.x)]:
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_compiled_top_k_breaks_ties_as_the_stable_argsort(top_k):
+    """Equal probabilities (zero rows: uniform; two equal router rows) go to the lower
+    expert index, and the grouping keeps assignments in order, as the argsorts do."""
+    rng = np.random.default_rng(top_k)
+    w = moe_weights(rng, np.float64)
+    w.router[4] = w.router[1]  # experts 1 and 4 always tie
+    x = rng.standard_normal((9, 8))
+    x[[0, 3, 4]] = 0.0  # uniform probabilities: every expert ties
+    _, ref = moe_forward(x, w, top_k, Workspace(), "m.")
+    _, cache = moe_forward(x, w, top_k, Workspace(), "m.", fused_experts())
+    for a, b in zip(cache.routing, ref.routing):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(cache.routing.top_idx[0], np.arange(top_k))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "top_k"), CASES)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_compiled_experts_backward_equals_moe_backward(dtype, n, top_k, overwrite):
+    """dx and every weight gradient, written or added onto what the buffers held, with the
+    aux term and other fractions f_e; the compiled backward also takes a NumPy forward's
+    cache (the caches are the same)."""
+    rng = np.random.default_rng(100 + n)
+    w = moe_weights(rng, dtype)
+    x = rng.standard_normal((n, 8)).astype(dtype)
+    dout = rng.standard_normal((n, 8)).astype(dtype)
+    start = [rng.standard_normal(a.shape).astype(dtype) for a in w]
+    fused = fused_experts()
+    runs = []  # numpy, compiled, NumPy forward + compiled backward; each without, with f_e
+    for fwd, bwd in ((None, None), (fused, fused), (None, fused)):
+        for fractions in (None, np.linspace(0.05, 0.4, 6)):
+            _, cache = moe_forward(x, w, top_k, Workspace(), "m.", fwd)
+            dw = MoEWeights(*(a.copy() for a in start))
+            dx = moe_backward(
+                dout,
+                cache,
+                w,
+                dw,
+                0.3,
+                fractions,
+                Workspace(),
+                "m.",
+                overwrite=overwrite,
+                fused=bwd,
+            )
+            runs.append([dx.copy(), *dw])
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for i in range(2, len(runs)):
+        for a, b in zip(runs[i], runs[i % 2]):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+    if n == 5 and overwrite:  # an expert without rows: its weight gradients written as 0
+        empty = int(np.flatnonzero(cache.routing.counts == 0)[0])
+        assert not runs[2][2][empty].any() and not runs[2][3][empty].any()
+
+
+@pytest.mark.parametrize(("n", "top_k"), CASES)
+def test_compiled_experts_gradient_by_central_differences(n, top_k):
+    """The compiled forward and backward of the MoE layer against central differences of
+    the compiled forward itself (float64), router and aux term included."""
+    rng = np.random.default_rng(200 + n)
+    w = moe_weights(rng, np.float64)
+    x = rng.standard_normal((n, 8))
+    fused = fused_experts()
+    alpha = 0.3
+    out, cache = moe_forward(x, w, top_k, Workspace(), "m.", fused)
+    r = rng.standard_normal(out.shape)
+    dw = MoEWeights(*(np.zeros_like(a) for a in w))
+    dx = moe_backward(r, cache, w, dw, alpha, None, Workspace(), "b.", fused=fused)
+    f_e = cache.routing.counts / cache.routing.order.size  # held constant (docs/gradients.md)
+
+    def loss():
+        o, c = moe_forward(x, w, top_k, Workspace(), "l.", fused)
+        return float(np.sum(o * r) + alpha * 6 * f_e @ c.routing.probs.mean(axis=0))
+
+    for arr, grad in ((x, dx), *zip(w, dw)):
+        assert check_gradient(loss, arr, grad, coords=10) < 1e-6
+
+
+def test_model_with_compiled_experts_and_activation_checkpointing_gives_the_same_gradient():
+    """Recomputing the blocks in the backward runs the same compiled forward: the gradient
+    is the same, bit for bit."""
+    from nn_core import Config, MoETransformer
+
+    fused = fused_experts()
+    model = MoETransformer(Config.tiny(), seed=3)
+    rng = np.random.default_rng(1)
+    ids, tgt = rng.integers(0, 1000, (2, 8)), rng.integers(0, 1000, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        state = model.forward_loss(ids, tgt, activation_checkpointing=checkpointing, fused=fused)
+        model.backward(state, zero_grad=True, fused=fused)
+        grads.append(model.flat_grads.copy())
+    np.testing.assert_array_equal(grads[0], grads[1])
+
+
+def test_compiled_experts_are_loaded_from_the_disk_cache():
+    """A second process loads the experts' kernels instead of compiling them again (their
+    BLAS symbols are registered before the cache is read)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from nn_core import Config, MoETransformer\n"
+        "from nn_core.training.kernels import _compiled, fused_backward\n"
+        "fused = fused_backward()\n"
+        "model = MoETransformer(Config.tiny())\n"
+        "ids = np.arange(16).reshape(2, 8)\n"
+        "model.backward(model.forward_loss(ids, ids, fused=fused), fused=fused)\n"
+        "k = _compiled()\n"
+        "names = ('experts_gate_up', 'experts_down', 'experts_grad', 'experts_combine_grad')\n"
+        "print(*(sum(k[n].stats.cache_hits.values()) for n in names))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[1].stdout.split() == ["1"] * 4, (runs[1].stdout, runs[1].stderr)

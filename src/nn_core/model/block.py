@@ -64,11 +64,13 @@ def block_forward(
     kv: KVLayer | None = None,
     ws: Workspace | None = None,
     key: str = "",
+    fused: FusedBackward | None = None,
 ) -> tuple[np.ndarray, BlockCache]:
     """Block: h = x + Attention(RMSNorm_attn(x)); out = h + MoE(RMSNorm_ffn(h)).
 
     x [N, H] -> (out [N, H], cache); the layer's routing (for the aux loss) is
-    cache.moe.routing. ``x`` is not modified.
+    cache.moe.routing. ``x`` is not modified. ``fused``: the training forward's compiled
+    experts (``layers.FusedBackward.experts``), None for NumPy.
     """
     a, n1 = rmsnorm_forward(x, w.attn_norm, cfg.rms_eps, ws, key + "n1.")
     attn_out, attn = attention_forward(
@@ -76,7 +78,7 @@ def block_forward(
     )
     h = np.add(x, attn_out, out=buffer(ws, key + "h", x.shape, x.dtype))
     m, n2 = rmsnorm_forward(h, w.ffn_norm, cfg.rms_eps, ws, key + "n2.")
-    moe_out, moe = moe_forward(m, w.moe, cfg.top_k_experts, ws, key + "moe.")
+    moe_out, moe = moe_forward(m, w.moe, cfg.top_k_experts, ws, key + "moe.", fused)
     out = np.add(h, moe_out, out=buffer(ws, key + "out", x.shape, x.dtype))
     return out, BlockCache(n1, attn, h, n2, moe)
 

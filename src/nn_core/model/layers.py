@@ -25,11 +25,35 @@ from .tensor import dtype_scalar, sigmoid
 from .workspace import Workspace, buffer
 
 
+class FusedExperts(NamedTuple):
+    """The MoE layer's experts in one compiled arrangement each for the training forward
+    and backward (``moe.moe_forward``, ``moe.moe_backward``): gathers, scatters and the
+    element-wise lines in loops, every expert product a direct BLAS call. Handed in by
+    the trainer (``nn_core.training.kernels``); the NumPy functions are the reference."""
+
+    # (x [N, H], probs_t [E, N], top_t [K, N], weights_t [K, N], kept_sum [1, N], order [C],
+    # counts [E], w_gate_up [E, H, 2F], xs [C + pad, H], gu [C + pad, 2F], tokens [C],
+    # gate [C]): the router's top-k, renormalization and grouping, gather xs = x[tokens],
+    # G|U = xs [Wg; Wu]^T per expert, w_k of each row
+    gate_up: Callable[..., None]
+    # (gu, sig [C, F], order, gate, w_down [E, F, H], counts, h [C + pad, F],
+    # ys [C + pad, H], out [N, H]): h = s(G) . U, y = h Wd^T, out_t = sum_k w_k y_tk
+    down: Callable[..., None]
+    # (dout [N, H], tokens, gate, order, ys, xs, gu, sig, h, w_gate_up, w_down, counts,
+    # dw_gate_up, dw_down, overwrite, dys, dh, dgu, dxs [C + pad, .], dweights_t [K, N]):
+    # moe_backward's lines before the router and swiglu_backward
+    grad: Callable[..., None]
+    # (dx [N, H], dxs [C, H], order [C]): the gather's backward, dx_t += dx_tk in k order
+    combine_grad: Callable[..., None]
+
+
 class FusedBackward(NamedTuple):
-    """Compiled one-pass versions of element-wise backward lines, handed in by the caller
+    """Compiled one-pass versions of element-wise training lines, handed in by the caller
     (the trainer's ``nn_core.training.kernels.fused_backward``; the model imports no
     compiler). The NumPy code of ``rmsnorm_backward``, ``swiglu_backward`` and
-    ``moe.router_backward`` is the reference they are tested against."""
+    ``moe.router_backward`` is the reference they are tested against; ``experts``
+    (optional) is taken by the training forward (``MoETransformer.forward_loss``) and the
+    backward, with ``moe_forward`` and ``moe_backward`` as its reference."""
 
     # (dy, x, r, gain, dgain, dx, overwrite): RMSNorm backward, dx [N, H] written
     rmsnorm: Callable[..., None]
@@ -38,6 +62,8 @@ class FusedBackward(NamedTuple):
     # (probs_t [E, N], top_t [K, N], kept_sum_t [1, N], weights_t, dweights_t [K, N],
     # aux [E], dz_t [E, N]): moe.router_backward's lines from dweights to dz
     router_grad: Callable[..., None]
+    # the experts' compiled forward and backward (None: the NumPy arrangement)
+    experts: FusedExperts | None = None
 
 
 # ---------------------------------------------------------------------------- Embedding

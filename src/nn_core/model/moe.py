@@ -20,6 +20,7 @@ import numpy as np
 
 from .layers import (
     FusedBackward,
+    FusedExperts,
     SwiGLUCache,
     expert_bounds,
     matmul_into,
@@ -30,7 +31,7 @@ from .layers import (
     swiglu_rows,
     weight_grad,
 )
-from .tensor import softmax, softmax_backward
+from .tensor import sigmoid, softmax, softmax_backward
 from .workspace import Workspace, buffer
 
 # ---------------------------------------------------------------------------- router
@@ -156,7 +157,8 @@ def aux_loss(routing: Routing, alpha: float, fractions: np.ndarray | None = None
     """
     n_experts = routing.probs.shape[1]
     f = expert_fractions(routing) if fractions is None else fractions  # [E]
-    p_mean = routing.probs.mean(axis=0, dtype=np.float64)  # [E]
+    # P_e: the sum over tokens / N, as np.mean computes it (without its Python layers)
+    p_mean = np.add.reduce(routing.probs, 0, np.float64) / routing.probs.shape[0]  # [E]
     return float(alpha * n_experts * np.dot(f, p_mean))
 
 
@@ -254,11 +256,21 @@ class MoECache(NamedTuple):
 
 
 def moe_forward(
-    x: np.ndarray, w: MoEWeights, top_k: int, ws: Workspace | None = None, key: str = ""
+    x: np.ndarray,
+    w: MoEWeights,
+    top_k: int,
+    ws: Workspace | None = None,
+    key: str = "",
+    fused: FusedBackward | None = None,
 ) -> tuple[np.ndarray, MoECache]:
-    """MoE combine: out = sum over kept k of w_k * Expert_k(x).   x [N, H] -> [N, H]."""
+    """MoE combine: out = sum over kept k of w_k * Expert_k(x).   x [N, H] -> [N, H].
+
+    ``fused`` with ``experts``: the lines after the router by its compiled arrangement
+    (``experts_forward``), equal to these to rounding."""
     n, hidden = x.shape
     dt = x.dtype
+    if fused is not None and fused.experts is not None:
+        return experts_forward(x, w, top_k, fused.experts, ws, key)
     routing = router_forward(x, w.router, top_k, ws, key + "router.")
     c = n * top_k
     tokens = np.remainder(routing.order, n)  # [C] token of each sorted assignment
@@ -278,6 +290,48 @@ def moe_forward(
     return out, MoECache(x, routing, tokens, gate, ys, experts)
 
 
+def experts_forward(
+    x: np.ndarray,
+    w: MoEWeights,
+    top_k: int,
+    k: FusedExperts,
+    ws: Workspace | None = None,
+    key: str = "",
+) -> tuple[np.ndarray, MoECache]:
+    """``moe_forward`` by the compiled ``FusedExperts``: the router's probabilities
+    (``router_probs``, NumPy), then its top-k, renormalization and grouping, the gather
+    and G|U = x [Wg; Wu]^T (``k.gate_up``), sigma(G) by ``tensor.sigmoid`` (NumPy's
+    vectorized exp), then h = s(G) . U, Down(h) = h Wd^T and out = sum_k w_k y_k
+    (``k.down``). The same routing record, buffers and cache as the NumPy lines (either
+    backward takes it). x [N, H] -> out [N, H]."""
+    n, hidden = x.shape
+    dt = x.dtype
+    n_experts = w.router.shape[0]
+    c = n * top_k
+    f = w.down.shape[1]
+    probs_t = router_probs(x, w.router, buffer(ws, key + "router.probs_t", (n_experts, n), dt))
+    # the routing record is kept past the next step (Trainer.last_routing): fresh arrays
+    top_t, order = np.empty((top_k, n), np.intp), np.empty(c, np.intp)  # [K, N], [C]
+    weights_t, kept_sum = np.empty((top_k, n), dt), np.empty((1, n), dt)  # [K, N], [1, N]
+    counts = np.empty(n_experts, np.int64)  # [E]
+    ekey = key + "experts."
+    xs_p = padded_rows(ws, key + "xs", c, hidden, dt)  # [C + pad, H]
+    gu = buffer(ws, ekey + "gu", xs_p.shape[:1] + (2 * f,), dt)  # [C + pad, 2F]
+    tokens = buffer(ws, key + "tokens", (c,), np.dtype(np.intp))  # [C]
+    gate = buffer(ws, key + "gate", (c,), dt)  # [C]
+    k.gate_up(
+        x, probs_t, top_t, weights_t, kept_sum, order, counts, w.gate_up, xs_p, gu, tokens, gate
+    )
+    routing = Routing(probs_t.T, top_t.T, kept_sum.T, weights_t.T, order, counts)
+    sig = sigmoid(gu[:c, :f], out=buffer(ws, ekey + "sig", (c, f), dt))  # sigma(G)   [C, F]
+    h = padded_rows(ws, ekey + "h", c, f, dt)  # [C + pad, F]
+    ys = buffer(ws, ekey + "out", xs_p.shape, dt)  # [C + pad, H]
+    out = buffer(ws, key + "out", (n, hidden), dt)
+    k.down(gu, sig, routing.order, gate, w.down, counts, h, ys, out)
+    experts = SwiGLUCache(xs_p[:c], expert_bounds(counts.tolist()), gu[:c], sig, h[:c])
+    return out, MoECache(x, routing, tokens, gate, ys[:c], experts)
+
+
 def moe_backward(
     dout: np.ndarray,
     cache: MoECache,
@@ -293,7 +347,9 @@ def moe_backward(
 ) -> np.ndarray:
     """MoE backward: dy_tk = w_tk dout_t (into expert k's backward); dw_tk = dout_t . y_tk;
     the gather's backward is a scatter-add of the experts' input gradients.
-    ``fused``: compiled element-wise lines for the experts (``layers.FusedBackward``).
+    ``fused``: compiled element-wise lines for the experts (``layers.FusedBackward``);
+    with ``experts``, the lines before the router by ``experts_backward`` and the
+    scatter-add by ``experts.combine_grad`` (equal to these to rounding).
     """
     x, routing, tokens, gate, ys, experts = cache
     n, hidden = x.shape
@@ -302,6 +358,23 @@ def moe_backward(
     dt = x.dtype
     order = routing.order
     ekey = key + "experts."
+    if fused is not None and fused.experts is not None:
+        dxs, dweights_t = experts_backward(dout, cache, w, dw, fused.experts, ws, key, overwrite)
+        dx = router_backward(
+            dweights_t.T,
+            routing,
+            x,
+            w.router,
+            dw.router,
+            alpha,
+            fractions,
+            ws,
+            key + "router.",
+            overwrite=overwrite,
+            fused=fused,
+        )
+        fused.experts.combine_grad(dx, dxs, order)  # the scatter-add over slots
+        return dx
     # dout_t of each sorted assignment, gathered straight into the experts' input buffer
     dys_p = swiglu_dout_buffer(c, hidden, dt, ws, ekey)  # [C + pad, H]
     dys = dout.take(tokens, axis=0, out=dys_p[:c])
@@ -340,6 +413,56 @@ def moe_backward(
     for k in range(top_k):  # the scatter-add over slots
         dx += slots[k * n : (k + 1) * n]
     return dx
+
+
+def experts_backward(
+    dout: np.ndarray,
+    cache: MoECache,
+    w: MoEWeights,
+    dw: MoEWeights,
+    k: FusedExperts,
+    ws: Workspace | None = None,
+    key: str = "",
+    overwrite: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``moe_backward``'s lines before the router by the compiled ``k.grad``: gather
+    dout_tk = dout_t, dw_tk = dout_t . y_tk, dy_tk = w_tk dout_t, and ``swiglu_backward``
+    (dh = dy Wd; dWd (+)= h^T dy; dG, dU; [dWg dWu] (+)= x^T [dG dU]; dx = [dG dU] [Wg; Wu]).
+    Returns (dx_tk [C, H] sorted by expert, dw_k [K, N] by slot)."""
+    x, routing, tokens, gate, ys, experts = cache
+    n, hidden = x.shape
+    c = tokens.size
+    f = experts.sig.shape[1]
+    dt = x.dtype
+    ekey = key + "experts."
+    dys_p = swiglu_dout_buffer(c, hidden, dt, ws, ekey)  # [C + pad, H]
+    dh = buffer(ws, ekey + "dh", (dys_p.shape[0], f), dt)  # [C + pad, F]
+    dgu_p = padded_rows(ws, ekey + "dgu", c, 2 * f, dt)  # [C + pad, 2F]
+    dxs = buffer(ws, ekey + "dx", dys_p.shape, dt)  # [C + pad, H]
+    dweights_t = buffer(ws, key + "dweights_t", (c // n, n), dt)  # [K, N]
+    k.grad(
+        dout,
+        tokens,
+        gate,
+        routing.order,
+        ys,
+        experts.x,
+        experts.gu,
+        experts.sig,
+        experts.h,
+        w.gate_up,
+        w.down,
+        routing.counts,
+        dw.gate_up,
+        dw.down,
+        overwrite,
+        dys_p,
+        dh,
+        dgu_p,
+        dxs,
+        dweights_t,
+    )
+    return dxs[:c], dweights_t
 
 
 # ---------------------------------------------------------------------------- few tokens

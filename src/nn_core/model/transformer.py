@@ -431,6 +431,7 @@ class MoETransformer:
         aux_loss_weight: float = 0.01,
         *,
         activation_checkpointing: bool = False,
+        fused: FusedBackward | None = None,
     ) -> LossState:
         """Forward and loss (CE + summed aux); returns what ``backward`` needs.
 
@@ -439,16 +440,24 @@ class MoETransformer:
         ``forward_loss`` of the same shape on this thread (a stale state is refused).
         With ``activation_checkpointing`` each block keeps only its input and recomputes
         its internals in the backward: same gradients, bit for bit, less memory.
+        ``fused``: compiled training lines (``layers.FusedBackward``; the forward takes its
+        ``experts``), equal to the NumPy ones to rounding; pass the same to ``backward``.
         """
         ids = self._check_ids(token_ids)
         tgt = self._check_targets(targets, ids)
         alpha = check_number(aux_loss_weight, "aux_loss_weight", 0.0, np.inf, high_open=True)
         ws = self._workspace("loss", ids.shape)
         with blas_threads(self.blas_threads_for(ids.size)):
-            return self._forward_loss(ids, tgt, alpha, activation_checkpointing, ws)
+            return self._forward_loss(ids, tgt, alpha, activation_checkpointing, ws, fused)
 
     def _forward_loss(
-        self, ids: np.ndarray, tgt: np.ndarray, alpha: float, checkpoint: bool, ws: Workspace
+        self,
+        ids: np.ndarray,
+        tgt: np.ndarray,
+        alpha: float,
+        checkpoint: bool,
+        ws: Workspace,
+        fused: FusedBackward | None = None,
     ) -> LossState:
         ws.generation += 1
         batch = ids.shape[0]
@@ -464,8 +473,9 @@ class MoETransformer:
                 np.copyto(saved, x)
                 x = saved
             inputs.append(x)
+            key = self._layer_key(i, checkpoint)
             x, cache = block_forward(
-                x, batch, w, self.config, self.rope, ws=ws, key=self._layer_key(i, checkpoint)
+                x, batch, w, self.config, self.rope, ws=ws, key=key, fused=fused
             )
             caches.append(None if checkpoint else cache)
             routing.append(cache.moe.routing)
@@ -569,7 +579,14 @@ class MoETransformer:
             cache = state.caches[i]
             if cache is None:  # activation checkpointing: recompute the block's internals
                 _, cache = block_forward(
-                    state.inputs[i], batch, self._w[i], self.config, self.rope, ws=ws, key=key
+                    state.inputs[i],
+                    batch,
+                    self._w[i],
+                    self.config,
+                    self.rope,
+                    ws=ws,
+                    key=key,
+                    fused=fused,
                 )
             f = None if fractions is None else fractions[i]
             dx = block_backward(

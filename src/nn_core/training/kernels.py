@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.layers import FusedBackward
+from ..model.layers import FusedBackward, FusedExperts
 
 # AdamW on buffers smaller than this runs on one thread: waking the second costs more
 # than it saves there (measured on 2 cores, tiny config, 542,528 parameters, buffers
@@ -93,20 +93,6 @@ def _compiled() -> dict[str, Callable[..., Any]]:
                 dx[i, j] = (dx[i, j] - (x[i, j] * ri) * proj) * ri
 
     @nb.njit(cache=True)  # fastmath off: the reference's operations in its order
-    def swiglu_grad_rows(gu, sig, dh, dgu):  # pragma: no cover
-        # layers.swiglu_backward's element-wise line: dG = dh . U . s'(G), dU = dh . s(G),
-        # s'(G) = sigma(G) + s(G) (1 - sigma(G)), s(G) = G sigma(G); gu = [G | U]
-        rows, f = sig.shape
-        one = sig.dtype.type(1.0)
-        for i in range(rows):
-            for j in range(f):
-                s = sig[i, j]
-                silu = gu[i, j] * s
-                d = dh[i, j]
-                dgu[i, j] = ((((one - s) * silu) + s) * gu[i, f + j]) * d
-                dgu[i, f + j] = silu * d
-
-    @nb.njit(cache=True)  # fastmath off: the reference's operations in its order
     def router_grad_rows(
         probs_t, top_t, kept_sum_t, weights_t, dweights_t, aux, dz_t
     ):  # pragma: no cover
@@ -129,13 +115,18 @@ def _compiled() -> dict[str, Callable[..., Any]]:
             for e in range(n_experts):
                 dz_t[e, t] = (dz_t[e, t] - dot) * probs_t[e, t]  # softmax backward
 
-    return {
+    kernels: dict[str, Callable[..., Any]] = {
         "adamw": adamw,
         "sum_squares": sum_squares,
         "rmsnorm_backward": rmsnorm_backward_rows,
-        "swiglu_grad": swiglu_grad_rows,
         "router_grad": router_grad_rows,
     }
+    from . import expert_kernels as ek  # the experts' kernels; SwiGLU's line lives there
+
+    kernels["swiglu_grad"] = ek.swiglu_grad_rows
+    if ek.BLAS_FOUND:
+        kernels.update(ek.KERNELS)
+    return kernels
 
 
 def adamw_update_fused(params, grads, m, v, lr, beta1, beta2, eps, wd, t, grad_scale=1.0) -> None:  # type: ignore[no-untyped-def]
@@ -169,4 +160,9 @@ def fused_backward() -> FusedBackward:
     The NumPy code in ``nn_core.model`` is the reference; tests hold them equal to
     rounding."""
     k = _compiled()
-    return FusedBackward(k["rmsnorm_backward"], k["swiglu_grad"], k["router_grad"])
+    experts = None
+    if "experts_gate_up" in k:  # NumPy's BLAS found: the experts' compiled arrangement
+        experts = FusedExperts(
+            k["experts_gate_up"], k["experts_down"], k["experts_grad"], k["experts_combine_grad"]
+        )
+    return FusedBackward(k["rmsnorm_backward"], k["swiglu_grad"], k["router_grad"], experts)

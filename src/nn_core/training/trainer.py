@@ -165,6 +165,7 @@ class Trainer:
             targets,
             cfg.aux_loss_weight,
             activation_checkpointing=cfg.activation_checkpointing,
+            fused=self._fused_backward(),
         )
         model.backward(state, zero_grad=True, fused=self._fused_backward())
         self.last_routing = state.routing
@@ -217,6 +218,7 @@ class Trainer:
                 tgt[lo : lo + b],
                 cfg.aux_loss_weight,
                 activation_checkpointing=cfg.activation_checkpointing,
+                fused=self._fused_backward(),
             )
             stats = state.routing_stats()
             fractions = None  # one process: each micro-batch's own f_e
